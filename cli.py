@@ -1,0 +1,341 @@
+"""The ``registry`` command line: option parsing and presentation over :class:`registry.Registry`."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from registry.errors import RegistryError, SpecError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class RegistryGroup(click.Group):
+    """Applies the error policy once: a RegistryError is one ``error:`` line and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except RegistryError as e:
+            if os.environ.get("REGISTRY_DEBUG"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            ctx.exit(130)
+
+
+class State:
+    """Global options, and the Registry built from them on first use (so --help never opens a database)."""
+
+    def __init__(self, db: str | None = None, storage: str | None = None, as_json: bool = False,
+                 quiet: bool = False) -> None:
+        self.db, self.storage, self.as_json, self.quiet = db, storage, as_json, quiet
+        self._registry: Any = None
+
+    @property
+    def registry(self) -> Any:
+        if self._registry is None:
+            from registry.api import Registry
+
+            self._registry = Registry(db=self.db, storage=self.storage)
+        return self._registry
+
+    def settings(self) -> Any:
+        from registry.config import Settings
+
+        return Settings.resolve(db=self.db, storage=self.storage)
+
+    def close(self) -> None:
+        if self._registry is not None:
+            self._registry.close()
+
+
+pass_state = click.make_pass_decorator(State)
+
+
+def json_option(f: F) -> F:
+    """``--json`` is accepted after any command as well as before it."""
+
+    def set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+        if value:
+            ctx.ensure_object(State).as_json = True
+
+    return click.option("--json", "json_", is_flag=True, expose_value=False, callback=set_json,
+                        help="Print one JSON document on stdout.")(f)
+
+
+def render(state: State, data: Any, human: Callable[[], None]) -> None:
+    """The only output function: one JSON document, or the human-readable form."""
+    if state.as_json:
+        click.echo(json.dumps(data, sort_keys=True, indent=2))
+    else:
+        human()
+
+
+def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> None:
+    cells = [[str(c) for c in header]] + [["-" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for row in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"  # pragma: no cover
+
+
+@click.group(cls=RegistryGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--db", metavar="URL", help="SQLAlchemy URL of the metadata database [env REGISTRY_DB].")
+@click.option("--storage", metavar="URL", help="fsspec URL or path of the artifact store [env REGISTRY_STORAGE].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes on stderr.")
+@click.version_option(package_name="model-registry", prog_name="registry")
+@click.pass_context
+def cli(ctx: click.Context, db: str | None, storage: str | None, as_json: bool, quiet: bool) -> None:
+    """A registry of PyTorch models: every version, verified, promotable, loadable years later."""
+    state = ctx.ensure_object(State)
+    state.db, state.storage, state.quiet = db, storage, quiet
+    state.as_json = state.as_json or as_json
+    ctx.call_on_close(state.close)
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["auto", "state_dict", "full", "torchscript",
+                                                    "export", "safetensors"]),
+              default="auto", show_default=True, help="Artifact format; auto detects it from the bytes.")
+@click.option("--arch", type=click.Path(dir_okay=False, path_type=Path), metavar="SPEC.json",
+              help="Architecture spec (JSON), required for a state_dict.")
+@click.option("--description", help="Free text shown by 'registry show'.")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="A tag; repeat for more.")
+@click.option("--alias", help="Also point this alias at the new version.")
+@json_option
+@pass_state
+def push(state: State, name: str, file: Path, fmt: str, arch: Path | None, description: str | None,
+         tags: tuple[str, ...], alias: str | None) -> None:
+    """Store FILE as the next version of model NAME."""
+    spec = _read_spec(arch) if arch is not None else None
+    tag_map = {}
+    for tag in tags:
+        key, sep, value = tag.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{tag!r} is not KEY=VALUE", param_hint="--tag")
+        tag_map[key] = value
+    mv = state.registry.push(name, file, format=None if fmt == "auto" else fmt, spec=spec,
+                             description=description, tags=tag_map, alias=alias)
+    how = " (detected)" if fmt == "auto" else ""
+    render(state, mv.to_json(), lambda: click.echo(
+        f"{mv.ref}  {mv.format.value}{how}  {human_size(mv.size)}  sha256:{mv.sha256}"
+        + (f"  aliases: {', '.join(mv.aliases)}" if mv.aliases else "")))
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--version", type=click.IntRange(min=1), help="Version number (instead of NAME:N).")
+@click.option("--alias", help="Alias (instead of NAME@ALIAS).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="File or directory to write.")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@json_option
+@pass_state
+def pull(state: State, ref: str, version: int | None, alias: str | None, output: Path | None,
+         force: bool) -> None:
+    """Write the verified artifact of REF (NAME, NAME:N, NAME@ALIAS) to a file."""
+    reg = state.registry
+    mv = reg.get(ref, version=version, alias=alias)
+    path = reg.pull(mv.ref, dest=output, force=force)
+    render(state, {**mv.to_json(), "path": str(path)}, lambda: click.echo(str(path)))
+
+
+@cli.command(name="list")
+@click.argument("name", required=False)
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Versions per page (with NAME), newest first.")
+@click.option("--before", type=click.IntRange(min=1), help="Only versions older than this number.")
+@json_option
+@pass_state
+def list_(state: State, name: str | None, limit: int, before: int | None) -> None:
+    """List models, or the versions of model NAME."""
+    if name is None:
+        models = state.registry.models()
+        render(state, [m.to_json() for m in models], lambda: table(
+            [(m.name, m.latest_version, m.version_count,
+              ", ".join(f"{a}→{v}" for a, v in sorted(m.aliases.items()))) for m in models],
+            ("MODEL", "LATEST", "VERSIONS", "ALIASES")))
+        return
+    versions = state.registry.versions(name, limit=limit, before=before)
+    render(state, [v.to_json() for v in versions], lambda: table(
+        [(v.ref, v.format.value, human_size(v.size), v.sha256[:12], v.created_at.strftime("%Y-%m-%d %H:%M"),
+          ", ".join(v.aliases)) for v in versions],
+        ("VERSION", "FORMAT", "SIZE", "SHA256", "CREATED", "ALIASES")))
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--version", type=click.IntRange(min=1), help="Version number (instead of NAME:N).")
+@click.option("--alias", help="Alias (instead of NAME@ALIAS).")
+@json_option
+@pass_state
+def show(state: State, ref: str, version: int | None, alias: str | None) -> None:
+    """Show everything recorded about one version."""
+    mv = state.registry.get(ref, version=version, alias=alias)
+
+    def human() -> None:
+        rows = [("version", mv.ref), ("format", mv.format.value), ("sha256", mv.sha256),
+                ("size", f"{mv.size} ({human_size(mv.size)})"), ("aliases", ", ".join(mv.aliases)),
+                ("created", f"{mv.created_at.isoformat(timespec='seconds')} by {mv.created_by}"),
+                ("torch", mv.torch_version), ("python", mv.python_version),
+                ("description", mv.description), ("source", mv.source)]
+        rows += [(f"tag {k}", v) for k, v in sorted(mv.tags.items())]
+        if mv.pickle_globals:
+            rows.append(("pickle globals", ", ".join(mv.pickle_globals)))
+        for key, value in rows:
+            if value:
+                click.echo(f"{key + ':':<16}{value}")
+        if mv.spec is not None:
+            click.echo("spec:")
+            click.echo(json.dumps(mv.spec, indent=2, sort_keys=True))
+
+    render(state, mv.to_json(), human)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--version", type=click.IntRange(min=1), required=True, help="Version to promote.")
+@click.option("--to", "to", default="production", show_default=True, help="Alias to move.")
+@click.option("--reason", help="Why, recorded in the history.")
+@click.option("--expect", metavar="M|none",
+              help="Only move the alias if it now points at version M (or at nothing: none).")
+@json_option
+@pass_state
+def promote(state: State, name: str, version: int, to: str, reason: str | None, expect: str | None) -> None:
+    """Point an alias (production by default) at NAME's version N."""
+    kwargs: dict[str, Any] = {}
+    if expect is not None:
+        if expect.lower() == "none":
+            kwargs["expect"] = None
+        elif expect.isdigit() and int(expect) >= 1:
+            kwargs["expect"] = int(expect)
+        else:
+            raise click.BadParameter(f"{expect!r} is not a version number or 'none'", param_hint="--expect")
+    event = state.registry.promote(name, version, to, reason=reason, **kwargs)
+    was = f" (was {event.previous})" if event.previous is not None else ""
+    render(state, event.to_json(), lambda: click.echo(f"{name}@{to} -> {name}:{version}{was}"))
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("alias")
+@click.option("--reason", help="Why, recorded in the history.")
+@json_option
+@pass_state
+def demote(state: State, name: str, alias: str, reason: str | None) -> None:
+    """Remove ALIAS from model NAME."""
+    event = state.registry.demote(name, alias, reason=reason)
+    render(state, event.to_json(),
+           lambda: click.echo(f"{name}@{alias} removed (was {name}:{event.previous})"))
+
+
+@cli.command()
+@click.argument("name")
+@json_option
+@pass_state
+def history(state: State, name: str) -> None:
+    """Every promotion and demotion of NAME's aliases, oldest first."""
+    events = state.registry.history(name)
+    render(state, [e.to_json() for e in events], lambda: table(
+        [(e.at.isoformat(timespec="seconds"), e.action, e.alias, e.version, e.previous, e.user, e.reason)
+         for e in events], ("TIME", "ACTION", "ALIAS", "VERSION", "PREVIOUS", "USER", "REASON")))
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--version", type=click.IntRange(min=1), help="Version number (instead of NAME:N).")
+@click.option("--force", is_flag=True, help="Delete even if aliases point at it (they are removed).")
+@json_option
+@pass_state
+def delete(state: State, ref: str, version: int | None, force: bool) -> None:
+    """Delete one version (its blob too, when no other version uses it)."""
+    mv = state.registry.delete(ref, version=version, force=force)
+    render(state, mv.to_json(), lambda: click.echo(f"deleted {mv.ref}"))
+
+
+@cli.command()
+@click.argument("name", required=False)
+@json_option
+@pass_state
+def verify(state: State, name: str | None) -> None:
+    """Re-hash stored artifacts; report missing or corrupt ones (exit 1 if any)."""
+    problems = state.registry.verify(name)
+    render(state, [p.to_json() for p in problems],
+           lambda: [click.echo(str(p)) for p in problems] or click.echo("all artifacts verified"))
+    if problems:
+        sys.exit(1)
+
+
+@cli.group(cls=RegistryGroup)
+def db() -> None:
+    """Operate the metadata database schema (Alembic)."""
+
+
+@db.command()
+@click.argument("revision", default="head")
+@json_option
+@pass_state
+def upgrade(state: State, revision: str) -> None:
+    """Migrate the schema up to REVISION (default head)."""
+    from registry import db as dbmod
+
+    engine = dbmod.make_engine(state.settings().db_url)
+    try:
+        dbmod.upgrade(engine, revision)
+        now = dbmod.current(engine)
+    finally:
+        engine.dispose()
+    render(state, {"revision": now}, lambda: click.echo(f"schema at {now}"))
+
+
+@db.command()
+@json_option
+@pass_state
+def current(state: State) -> None:
+    """Print the schema revision of the database (none if empty)."""
+    from registry import db as dbmod
+
+    engine = dbmod.make_engine(state.settings().db_url)
+    try:
+        now = dbmod.current(engine)
+    finally:
+        engine.dispose()
+    head = dbmod.SCHEMA_HEAD
+    render(state, {"revision": now, "head": head},
+           lambda: click.echo(f"{now or 'none'}{' (head)' if now == head else f' (head is {head})'}"))
+
+
+def _read_spec(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpecError(f"spec file {str(path)!r} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SpecError(f"spec file {str(path)!r} is not valid JSON: {e}") from e
+
+
+def main() -> None:
+    cli(prog_name="registry")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Database engines (SQLite pragmas, PostgreSQL), sessions, and Alembic upgrades on first use."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine, create_engine, event, exc as sa_exc, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from registry.config import redact
+from registry.errors import ConfigError, DatabaseError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+#: The newest migration in ``migrations/versions``; a test checks it against Alembic's head.
+SCHEMA_HEAD = "0001"
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 60_000
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, a busy timeout, foreign keys and explicit BEGINs.
+
+    Raises:
+        ConfigError: the URL is not a usable SQLAlchemy URL.
+    """
+    try:
+        parsed = make_url(url)
+    except sa_exc.ArgumentError as e:
+        raise ConfigError(f"invalid database URL {redact(url)!r}: expected a SQLAlchemy URL "
+                          "such as sqlite:///path/registry.db or postgresql+psycopg://host/db") from e
+    if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg2") is None:
+        parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3 is the driver we ship
+    if parsed.get_backend_name() == "sqlite":
+        return _sqlite_engine(parsed)
+    try:
+        return create_engine(parsed, pool_pre_ping=True)
+    except (sa_exc.ArgumentError, ImportError) as e:
+        raise ConfigError(f"cannot use database URL {redact(url)!r}: {e}; "
+                          "for PostgreSQL install the extra: pip install 'model-registry[postgres]'") from e
+
+
+def _sqlite_engine(url: Any) -> Engine:
+    if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
+        Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control away from pysqlite so BEGIN is ours to emit (SQLAlchemy's
+        # "Serializable isolation / Savepoints / Transactional DDL" recipe for pysqlite).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=FULL")  # a committed push survives power loss
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        # Writers take the write lock up front (BEGIN IMMEDIATE), so two pushes queue on the busy
+        # timeout instead of failing when a read lock cannot be upgraded.
+        mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+def writer(engine: Engine) -> Engine:
+    """The same engine, but its transactions take the write lock at BEGIN (SQLite)."""
+    return engine.execution_options(sqlite_begin="IMMEDIATE")
+
+
+def sessions(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def current(engine: Engine) -> str | None:
+    """The schema revision the database is at, or None for an empty database. Costs one query."""
+    try:
+        with engine.connect() as conn:
+            try:
+                row = conn.execute(text("SELECT version_num FROM alembic_version")).first()
+            except (sa_exc.OperationalError, sa_exc.ProgrammingError):
+                return None  # no alembic_version table: a new database
+    except sa_exc.DBAPIError as e:
+        raise _unreachable(engine, e) from e
+    return None if row is None else str(row[0])
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Bring the database to :data:`SCHEMA_HEAD` if (and only if) it is behind."""
+    if current(engine) != SCHEMA_HEAD:
+        upgrade(engine, "head")
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Run Alembic migrations up to ``revision``, serialised against other processes doing the same."""
+    from alembic import command
+
+    with _migration_connection(engine) as cfg:
+        command.upgrade(cfg, revision)
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    """Run Alembic migrations down to ``revision`` (``base`` empties the schema)."""
+    from alembic import command
+
+    with _migration_connection(engine) as cfg:
+        command.downgrade(cfg, revision)
+
+
+def alembic_config() -> Config:
+    """Alembic configuration built in code: works from any directory an installed registry runs in."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return cfg
+
+
+@contextmanager
+def _migration_connection(engine: Engine) -> Iterator[Config]:
+    cfg = alembic_config()
+    try:
+        with writer(engine).begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # Two processes starting on a new database must not both create the tables.
+                conn.execute(text("SELECT pg_advisory_xact_lock(7305001)"))
+            cfg.attributes["connection"] = conn
+            yield cfg
+    except sa_exc.DBAPIError as e:
+        raise _unreachable(engine, e) from e
+
+
+def _unreachable(engine: Engine, e: sa_exc.DBAPIError) -> DatabaseError:
+    url = redact(engine.url.render_as_string(hide_password=True))
+    reason = str(e.orig).strip().splitlines()[0] if e.orig is not None else type(e).__name__
+    return DatabaseError(f"database {url} failed: {reason}", url=url)

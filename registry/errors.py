@@ -1,0 +1,146 @@
+"""Every exception the registry raises.
+
+The hierarchy::
+
+    RegistryError
+    ├── ConfigError               (ValueError)   bad REGISTRY_* setting or argument
+    ├── InvalidName               (ValueError)   model or alias name breaks the naming rules
+    ├── InvalidReference          (ValueError)   "NAME", "NAME:N", "NAME@ALIAS" could not be parsed
+    ├── NotFound                  (LookupError)  no such model, version or alias
+    ├── AlreadyExists             (FileExistsError) a destination file is in the way
+    ├── AliasInUse                               a version an alias points at cannot be deleted
+    ├── AliasConflict                            a conditional promotion found the alias elsewhere
+    ├── SpecError                 (ValueError)   an architecture spec is malformed or does not fit
+    │   └── UntrustedTarget                      a spec names a class outside the trusted modules
+    ├── FormatError               (ValueError)   bytes are not (or not the declared) model format
+    ├── UntrustedPickle                          a pickle references globals that are not trusted
+    ├── IntegrityError                           stored bytes do not match their recorded sha256
+    ├── StorageError              (OSError)      the artifact store failed (URL already redacted)
+    └── DatabaseError                            the metadata database failed (URL already redacted)
+
+Each error is one line naming what was wrong and what to do; the CLI prints it after ``error:``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class RegistryError(Exception):
+    """Base class of every error raised by the registry."""
+
+
+class ConfigError(RegistryError, ValueError):
+    """A configuration value (argument or ``REGISTRY_*`` variable) is invalid."""
+
+
+class InvalidName(RegistryError, ValueError):
+    """A model or alias name does not follow the naming rules."""
+
+    def __init__(self, name: str, reason: str, *, kind: str = "model name") -> None:
+        self.name = name
+        super().__init__(f"invalid {kind} {name!r}: {reason}")
+
+
+class InvalidReference(RegistryError, ValueError):
+    """A model reference could not be parsed."""
+
+
+class NotFound(RegistryError, LookupError):
+    """No model, version or alias matches the request."""
+
+    def __init__(
+        self, name: str, *, version: int | None = None, alias: str | None = None
+    ) -> None:
+        self.name, self.version, self.alias = name, version, alias
+        if alias is not None:
+            what = f"alias '{name}@{alias}'"
+            hint = f"run 'registry list {name}' or 'registry history {name}'"
+        elif version is not None:
+            what = f"version '{name}:{version}'"
+            hint = f"run 'registry list {name}' to see its versions"
+        else:
+            what = f"model '{name}'"
+            hint = "run 'registry list' to see the models"
+        super().__init__(f"{what} not found; {hint}")
+
+
+class AlreadyExists(RegistryError, FileExistsError):
+    """A file the registry would write already exists."""
+
+
+class AliasInUse(RegistryError):
+    """A version that an alias points at cannot be deleted without ``force``."""
+
+    def __init__(self, name: str, version: int, aliases: Iterable[str]) -> None:
+        self.name, self.version, self.aliases = name, version, tuple(aliases)
+        names = ", ".join(self.aliases)
+        super().__init__(
+            f"'{name}:{version}' is the target of alias {names}; demote it first or use --force"
+        )
+
+
+class AliasConflict(RegistryError):
+    """A conditional promotion (``expect=``) found the alias somewhere else."""
+
+    def __init__(self, name: str, alias: str, expected: int | None, actual: int | None) -> None:
+        self.name, self.alias, self.expected, self.actual = name, alias, expected, actual
+        exp = "nothing" if expected is None else f"version {expected}"
+        act = "nothing" if actual is None else f"version {actual}"
+        super().__init__(
+            f"alias '{name}@{alias}' points at {act}, not {exp}; nothing changed"
+        )
+
+
+class SpecError(RegistryError, ValueError):
+    """An architecture spec is malformed, cannot be captured, or does not match the weights."""
+
+
+class UntrustedTarget(SpecError):
+    """A spec's target lies outside the trusted module prefixes."""
+
+    def __init__(self, target: str, trusted: Iterable[str]) -> None:
+        self.target, self.trusted = target, tuple(trusted)
+        super().__init__(
+            f"spec target {target!r} is not trusted (trusted: {', '.join(self.trusted)}); "
+            "add its module to REGISTRY_TRUSTED_MODULES or trusted_modules= if you trust it"
+        )
+
+
+class FormatError(RegistryError, ValueError):
+    """Bytes are not a supported model format, or not the format that was declared."""
+
+
+class UntrustedPickle(RegistryError):
+    """A pickle references globals that may not be unpickled without explicit trust."""
+
+    def __init__(self, what: str, globals_: Iterable[str], *, hint: str) -> None:
+        self.globals_ = tuple(sorted(set(globals_)))
+        super().__init__(f"{what} references {', '.join(self.globals_)}; {hint}")
+
+
+class IntegrityError(RegistryError):
+    """Stored bytes do not match the sha256 recorded for them."""
+
+    def __init__(self, artifact: str, expected: str, actual: str, *, name: str | None = None) -> None:
+        self.artifact, self.expected, self.actual = artifact, expected, actual
+        hint = f"run 'registry verify {name}'" if name else "run 'registry verify'"
+        super().__init__(
+            f"artifact {artifact} is corrupt: expected sha256 {expected}, got {actual}; {hint}"
+        )
+
+
+class StorageError(RegistryError, OSError):
+    """The artifact storage failed; ``url`` never contains credentials."""
+
+    def __init__(self, message: str, *, url: str) -> None:
+        self.url = url
+        super().__init__(message)
+
+
+class DatabaseError(RegistryError):
+    """The metadata database cannot be reached or used; ``url`` never contains a password."""
+
+    def __init__(self, message: str, *, url: str) -> None:
+        self.url = url
+        super().__init__(message)

@@ -1,0 +1,183 @@
+"""Writing and loading each model format; the only module besides ``spec`` that imports torch."""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from registry import spec as spec_mod
+from registry.errors import FormatError, UntrustedPickle
+from registry.records import Format
+from registry.trust import components, has_dunder, is_trusted
+
+if TYPE_CHECKING:
+    import torch
+
+#: File suffix of each format, for default pull destinations.
+SUFFIX = {
+    Format.STATE_DICT: ".pt",
+    Format.FULL: ".pt",
+    Format.TORCHSCRIPT: ".pt",
+    Format.EXPORT: ".pt2",
+    Format.SAFETENSORS: ".safetensors",
+}
+
+
+@contextmanager
+def quiet_torchscript() -> Iterator[None]:
+    """Hide TorchScript's deprecation warnings (PyTorch >= 2.10) for the calls we make on purpose."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+        warnings.filterwarnings("ignore", category=UserWarning, message=r".*TorchScript")
+        yield
+
+
+def save(model: torch.nn.Module, fmt: Format, path: Path) -> None:
+    """Serialise a live module in ``fmt`` to ``path`` (pushes from Python).
+
+    Raises:
+        FormatError: the module cannot be written in that format (PyTorch's reason, one line).
+    """
+    import torch
+
+    try:
+        if fmt is Format.STATE_DICT:
+            torch.save(model.state_dict(), path)
+        elif fmt is Format.FULL:
+            torch.save(model, path)
+        elif fmt is Format.TORCHSCRIPT:
+            with quiet_torchscript():
+                scripted = model if isinstance(model, torch.jit.ScriptModule) else torch.jit.script(model)
+                scripted.save(str(path))
+        else:
+            raise FormatError(f"pushing a live model as {fmt.value!r} is not supported")
+    except FormatError:
+        raise
+    except Exception as e:  # torch raises many kinds here; the user needs its reason, not a trace
+        raise FormatError(f"cannot save the model as {fmt.value}: {_one_line(e)}") from e
+
+
+def meta_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a state_dict file as meta tensors: names, shapes and dtypes, no data read."""
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+    except Exception as e:
+        raise FormatError(f"{path.name} is not a loadable state_dict: {_one_line(e)}") from e
+    return _as_state_dict(obj, path.name)
+
+
+def load(
+    path: Path,
+    fmt: Format,
+    *,
+    spec: Mapping[str, Any] | None,
+    trusted: Sequence[str],
+    map_location: str | torch.device | None = None,
+    trust_pickle: bool = False,
+    artifact: str,
+) -> torch.nn.Module:
+    """Deserialise verified bytes into a module in eval() mode.
+
+    Nothing here unpickles arbitrary code: state_dicts load with ``weights_only=True``; whole
+    models load with ``weights_only=True`` plus the trusted globals they reference, unless
+    ``trust_pickle`` is given explicitly. A failed safe load never falls back to an unsafe one.
+    """
+    import torch
+
+    location = map_location if map_location is not None else "cpu"
+    if fmt is Format.STATE_DICT:
+        if spec is None:
+            raise FormatError(f"{artifact} is a state_dict without an architecture spec")
+        obj = torch.load(path, map_location=location, weights_only=True, mmap=True)
+        module = spec_mod.build_with_weights(
+            spec, _as_state_dict(obj, artifact), trusted, device=map_location
+        )
+    elif fmt is Format.FULL:
+        module = _load_full(path, trusted, location, trust_pickle, artifact)
+    elif fmt is Format.TORCHSCRIPT:
+        with quiet_torchscript():
+            module = torch.jit.load(str(path), map_location=location)
+    else:
+        raise FormatError(f"{artifact} has format {fmt.value!r}, which this version cannot load")
+    return module.eval()
+
+
+def _load_full(
+    path: Path, trusted: Sequence[str], location: Any, trust_pickle: bool, artifact: str
+) -> torch.nn.Module:
+    import torch
+
+    # The globals outside what weights_only already allows (tensor rebuilds, containers).
+    needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    allowed, untrusted = [], []
+    for name in needed:
+        obj = _trusted_class(name, trusted)
+        if obj is None:
+            untrusted.append(name)
+        else:
+            allowed.append(obj)
+    if untrusted and not trust_pickle:
+        raise UntrustedPickle(
+            f"{artifact} is a whole-model pickle that",
+            untrusted,
+            hint="add their module to REGISTRY_TRUSTED_MODULES, or pass --trust-pickle "
+            "(trust_pickle=True) only if you trust whoever pushed it",
+        )
+    try:
+        if untrusted:  # the caller said, explicitly, that this pickle may run code
+            obj = torch.load(path, map_location=location, weights_only=False)
+        else:
+            with torch.serialization.safe_globals(allowed):
+                obj = torch.load(path, map_location=location, weights_only=True, mmap=True)
+    except Exception as e:
+        raise FormatError(f"cannot load {artifact}: {_one_line(e)}") from e
+    if not isinstance(obj, torch.nn.Module):
+        raise FormatError(f"{artifact} holds a {type(obj).__name__}, not an nn.Module")
+    return obj
+
+
+def _trusted_class(name: str, trusted: Sequence[str]) -> type | None:
+    """Resolve ``module.qualname`` to a class defined under a trusted prefix, importing only trusted modules."""
+    parts = components(name)
+    if not parts or has_dunder(name) or not is_trusted(name, trusted):
+        return None
+    for cut in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:cut])
+        if not is_trusted(module_name, trusted):
+            return None
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        try:
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return None
+        # Only classes defined in trusted code: blocks trusted modules re-exporting e.g. os or eval.
+        if isinstance(obj, type) and is_trusted(f"{obj.__module__}.{obj.__qualname__}", trusted):
+            return obj
+        return None
+    return None
+
+
+def _as_state_dict(obj: object, what: str) -> dict[str, torch.Tensor]:
+    import torch
+
+    if not isinstance(obj, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise FormatError(f"{what} is not a state_dict (a mapping of names to tensors)")
+    return dict(obj)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:500]

@@ -1,0 +1,113 @@
+"""Plain typed records the API returns: safe to keep after the session that read them is gone."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+class Format(enum.StrEnum):
+    """How an artifact's bytes encode the model."""
+
+    STATE_DICT = "state_dict"  # torch.save(model.state_dict()): tensors only, needs a spec
+    FULL = "full"  # torch.save(model): the pickled module object
+    TORCHSCRIPT = "torchscript"  # torch.jit.script(model).save(): code + weights, no class needed
+    EXPORT = "export"  # torch.export.save(program): a .pt2 archive, no class needed
+    SAFETENSORS = "safetensors"  # safetensors tensors, no pickle anywhere; needs a spec
+
+
+#: Formats whose loading rebuilds the architecture from a spec.
+SPEC_FORMATS = frozenset({Format.STATE_DICT, Format.SAFETENSORS})
+
+
+@dataclass(frozen=True, slots=True)
+class ModelVersion:
+    """One immutable version of a model, and the aliases that point at it now."""
+
+    name: str
+    version: int
+    format: Format
+    sha256: str
+    size: int
+    created_at: datetime
+    created_by: str
+    spec: dict[str, Any] | None = None
+    pickle_globals: tuple[str, ...] = ()
+    description: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+    torch_version: str | None = None
+    python_version: str | None = None
+    source: str | None = None
+
+    @property
+    def ref(self) -> str:
+        """The reference that names exactly this version, ``NAME:N``."""
+        return f"{self.name}:{self.version}"
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["format"] = self.format.value
+        data["created_at"] = self.created_at.isoformat()
+        data["pickle_globals"] = list(self.pickle_globals)
+        data["aliases"] = list(self.aliases)
+        data["ref"] = self.ref
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSummary:
+    """A model with its newest version and its aliases."""
+
+    name: str
+    latest_version: int | None
+    version_count: int
+    aliases: dict[str, int]
+    created_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["created_at"] = self.created_at.isoformat()
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class AliasEvent:
+    """One move of an alias: a promotion (``version`` set) or a demotion (``version`` None)."""
+
+    name: str
+    alias: str
+    version: int | None
+    previous: int | None
+    at: datetime
+    user: str
+    reason: str | None = None
+
+    @property
+    def action(self) -> str:
+        return "demote" if self.version is None else "promote"
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["at"] = self.at.isoformat()
+        data["action"] = self.action
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Something ``verify`` found wrong with a stored artifact."""
+
+    name: str
+    version: int
+    sha256: str
+    kind: str  # "missing" | "size" | "corrupt"
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.version} {self.kind}: {self.detail}"

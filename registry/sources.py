@@ -1,0 +1,130 @@
+"""What a push reads: a saved file or a live module, checked and staged before anything is stored."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from registry import pickles
+from registry.errors import FormatError, SpecError, UntrustedPickle
+from registry.records import SPEC_FORMATS, Format
+from registry.store import Blob, BlobStore
+
+if TYPE_CHECKING:
+    import torch
+
+Prepared = tuple[Format, "dict[str, Any] | None", pickles.Detected]
+
+
+class FileSource:
+    """A model file on disk; pushing it never imports torch unless its spec must be checked."""
+
+    def __init__(self, path: Path, store: BlobStore) -> None:
+        self.path, self._store = path, store
+
+    def __enter__(self) -> FileSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def prepare(self, declared: Format | None, spec: Mapping[str, Any] | None,
+                trusted: Sequence[str]) -> Prepared:
+        if not self.path.is_file():
+            raise FormatError(f"file {str(self.path)!r} does not exist or is not a regular file")
+        return check(self.path, declared, spec, trusted, module=None)
+
+    def store(self) -> Blob:
+        return self._store.put_file(self.path)
+
+
+class ModuleSource:
+    """A live ``nn.Module``, serialised once into the store's staging area."""
+
+    def __init__(self, module: torch.nn.Module, store: BlobStore) -> None:
+        import torch
+
+        if not isinstance(module, torch.nn.Module):
+            raise FormatError(
+                f"cannot push a {type(module).__name__}: pass an nn.Module or the path of a saved model file"
+            )
+        self.module, self._store = module, store
+        self._dir = store.tmp_dir() if store.local else Path(tempfile.mkdtemp(prefix="registry-"))
+        self._staged = self._dir / f"{uuid.uuid4().hex}.part"
+        self._format: Format = Format.STATE_DICT
+
+    def __enter__(self) -> ModuleSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._staged.unlink(missing_ok=True)
+        if not self._store.local:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def prepare(self, declared: Format | None, spec: Mapping[str, Any] | None,
+                trusted: Sequence[str]) -> Prepared:
+        import torch
+
+        from registry import formats
+        from registry import spec as spec_mod
+
+        if declared is None:
+            declared = Format.TORCHSCRIPT if isinstance(self.module, torch.jit.ScriptModule) else Format.STATE_DICT
+        if declared in SPEC_FORMATS and spec is None:
+            spec = spec_mod.capture(self.module)
+        self._format = declared
+        formats.save(self.module, declared, self._staged)
+        return check(self._staged, declared, spec, trusted, module=self.module)
+
+    def store(self) -> Blob:
+        from registry import formats
+
+        if not self._staged.exists():  # consumed by an earlier attempt's rename
+            formats.save(self.module, self._format, self._staged)
+        return self._store.adopt(self._staged)
+
+
+def check(path: Path, declared: Format | None, spec: Mapping[str, Any] | None,
+          trusted: Sequence[str], *, module: torch.nn.Module | None) -> Prepared:
+    """Detect the format from the bytes and refuse anything the registry should not accept."""
+    detected = pickles.detect(path)
+    if declared is not None and declared is not detected.format:
+        raise FormatError(
+            f"{path.name} was declared {declared.value} but its bytes are {detected.format.value}; "
+            f"push it with --format {detected.format.value} (or leave --format out)"
+        )
+    main = sorted(g for g in detected.globals_ if g.startswith("__main__."))
+    if main:
+        raise FormatError(
+            f"the pickle references {', '.join(main)}, defined in a script (__main__), which no other "
+            "process can import; move the class into a module, or push as state_dict with a spec"
+        )
+    bad = pickles.dangerous(pickles.parse_globals(detected.globals_))
+    if bad:
+        raise UntrustedPickle(f"{path.name} is refused: its pickle", bad,
+                              hint="no model needs these; it would run code when loaded")
+    checked: dict[str, Any] | None = None
+    if spec is not None:
+        from registry import spec as spec_mod
+
+        checked = spec_mod.validate(spec, trusted)
+    if detected.format in SPEC_FORMATS:
+        if checked is None:
+            raise SpecError(
+                f"{path.name} is a {detected.format.value}, which needs an architecture spec to be "
+                "loaded again: pass --arch SPEC.json (spec= in Python)"
+            )
+        _check_weights(path, detected.format, checked, trusted)
+    return detected.format, checked, detected
+
+
+def _check_weights(path: Path, fmt: Format, spec: dict[str, Any], trusted: Sequence[str]) -> None:
+    from registry import formats
+    from registry import spec as spec_mod
+
+    tensors = formats.meta_state_dict(path) if fmt is Format.STATE_DICT else formats.meta_tensors(path, fmt)
+    spec_mod.check_state_dict(spec_mod.build(spec, trusted), tensors)

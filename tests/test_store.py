@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from registry.errors import AlreadyExists, IntegrityError, StorageError
+from registry.store import BlobStore
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> BlobStore:
+    return BlobStore(str(tmp_path / "artifacts"))
+
+
+def _file(tmp_path: Path, data: bytes, name: str = "src.bin") -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def test_put_is_content_addressed_and_deduplicated(store: BlobStore, tmp_path: Path) -> None:
+    data = b"weights" * 1000
+    sha = hashlib.sha256(data).hexdigest()
+    first = store.put_file(_file(tmp_path, data, "a"))
+    second = store.put_file(_file(tmp_path, data, "b"))
+    assert (first.sha256, first.size, first.written) == (sha, len(data), True)
+    assert (second.sha256, second.written) == (sha, False)
+    blob = Path(store.root) / "blobs" / "sha256" / sha[:2] / sha
+    assert blob.read_bytes() == data
+    assert [b.sha256 for b in store.iter_blobs()] == [sha]
+    assert list((Path(store.root) / "tmp").iterdir()) == []  # no temporary file left behind
+
+
+def test_put_reads_the_source_once(store: BlobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = _file(tmp_path, b"x" * (3 * 4 * 1024 * 1024 + 5))
+    opened: list[str] = []
+    real_open = open
+
+    def counting_open(path: object, mode: str = "r", *a: object, **k: object):  # type: ignore[no-untyped-def]
+        if Path(str(path)) == src:
+            opened.append(mode)
+        return real_open(path, mode, *a, **k)  # type: ignore[call-overload]
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    store.put_file(src)
+    assert opened == ["rb"]
+
+
+def test_local_path_verifies(store: BlobStore, tmp_path: Path) -> None:
+    blob = store.put_file(_file(tmp_path, b"abc"))
+    assert store.local_path(blob.sha256, blob.size, artifact="m:1").read_bytes() == b"abc"
+    Path(store.key(blob.sha256)).write_bytes(b"abd")
+    with pytest.raises(IntegrityError, match=f"artifact m:1 is corrupt: expected sha256 {blob.sha256}, got "):
+        store.local_path(blob.sha256, blob.size, artifact="m:1")
+
+
+def test_missing_blob_is_a_storage_error(store: BlobStore) -> None:
+    with pytest.raises(StorageError, match="artifact m:1 is missing from storage"):
+        store.local_path("0" * 64, 1, artifact="m:1")
+
+
+def test_copy_to_is_atomic_and_verified(store: BlobStore, tmp_path: Path) -> None:
+    blob = store.put_file(_file(tmp_path, b"payload"))
+    dest = tmp_path / "out" / "m.pt"
+    dest.parent.mkdir()
+    assert store.copy_to(blob.sha256, dest, artifact="m:1").read_bytes() == b"payload"
+    with pytest.raises(AlreadyExists):
+        store.copy_to(blob.sha256, dest, artifact="m:1")
+    Path(store.key(blob.sha256)).write_bytes(b"tampered")
+    with pytest.raises(IntegrityError):
+        store.copy_to(blob.sha256, tmp_path / "out" / "n.pt", artifact="m:1")
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["m.pt"]  # no partial file
+
+
+def test_check_reports_missing_size_and_corrupt(store: BlobStore, tmp_path: Path) -> None:
+    blob = store.put_file(_file(tmp_path, b"12345"))
+    assert store.check(blob.sha256, blob.size) is None
+    assert store.check(blob.sha256, 99)[0] == "size"  # type: ignore[index]
+    Path(store.key(blob.sha256)).write_bytes(b"54321")
+    assert store.check(blob.sha256, 5)[0] == "corrupt"  # type: ignore[index]
+    store.delete(blob.sha256)
+    assert store.check(blob.sha256, 5)[0] == "missing"  # type: ignore[index]
+
+
+def test_keys_only_accept_hex_digests(store: BlobStore) -> None:
+    for bad in ["../../etc/passwd", "A" * 64, "0" * 63]:
+        with pytest.raises(ValueError):
+            store.key(bad)
