@@ -80,6 +80,11 @@ def render(state: State, data: Any, human: Callable[[], None]) -> None:
         human()
 
 
+def lines_out(lines: Sequence[str]) -> None:
+    for line in lines:
+        click.echo(line)
+
+
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> None:
     cells = [[str(c) for c in header]] + [["-" if c is None else str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -280,9 +285,25 @@ def verify(state: State, name: str | None) -> None:
     """Re-hash stored artifacts; report missing or corrupt ones (exit 1 if any)."""
     problems = state.registry.verify(name)
     render(state, [p.to_json() for p in problems],
-           lambda: [click.echo(str(p)) for p in problems] or click.echo("all artifacts verified"))
+           lambda: lines_out([str(p) for p in problems] or ["all artifacts verified"]))
     if problems:
         sys.exit(1)
+
+
+@cli.command()
+@click.option("--grace", default="1h", show_default=True, metavar="DURATION",
+              help="Keep orphans younger than this (0, 90s, 30m, 2h): a push may still be committing them.")
+@click.option("--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
+@json_option
+@pass_state
+def gc(state: State, grace: str, dry_run: bool) -> None:
+    """Remove blobs no version uses and what interrupted pushes left behind."""
+    from registry.config import parse_duration
+
+    found = state.registry.gc(grace=parse_duration(grace), dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    lines = [f"{verb} {g.kind} {g.key} ({human_size(g.size)}, {g.age_seconds:.0f}s old)" for g in found]
+    render(state, [g.to_json() for g in found], lambda: lines_out(lines or [f"nothing to remove (grace {grace})"]))
 
 
 @cli.group(cls=RegistryGroup)
@@ -305,6 +326,23 @@ def upgrade(state: State, revision: str) -> None:
     finally:
         engine.dispose()
     render(state, {"revision": now}, lambda: click.echo(f"schema at {now}"))
+
+
+@db.command()
+@click.argument("revision")
+@json_option
+@pass_state
+def downgrade(state: State, revision: str) -> None:
+    """Migrate the schema down to REVISION (base removes every table: data is lost)."""
+    from registry import db as dbmod
+
+    engine = dbmod.make_engine(state.settings().db_url)
+    try:
+        dbmod.downgrade(engine, revision)
+        now = dbmod.current(engine)
+    finally:
+        engine.dispose()
+    render(state, {"revision": now}, lambda: click.echo(f"schema at {now or 'base'}"))
 
 
 @db.command()

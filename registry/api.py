@@ -6,14 +6,16 @@ import os
 import platform
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, exc as sa_exc, func, select, text, update
+from sqlalchemy import delete, func, select
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from registry import db as database
+from registry import queries
 from registry.config import Settings
 from registry.errors import (
     AliasConflict,
@@ -26,9 +28,9 @@ from registry.errors import (
     StorageError,
 )
 from registry.models import Alias, AliasEvent, Model, Version
-from registry.records import Format, ModelSummary, ModelVersion, Problem
 from registry.records import AliasEvent as AliasEventRecord
-from registry.refs import Ref, parse_ref, validate_name
+from registry.records import Format, Garbage, ModelSummary, ModelVersion, Problem
+from registry.refs import parse_ref, validate_name
 from registry.store import Blob, BlobStore
 
 if TYPE_CHECKING:
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
 #: ``expect=`` default: promote unconditionally.
 ANY = object()
 PUSH_ATTEMPTS = 3
+#: Orphans younger than this may belong to a push that has not committed yet.
+DEFAULT_GRACE = timedelta(hours=1)
 
 
 class Registry:
@@ -161,11 +165,11 @@ class Registry:
         """Insert the version row; None if the blob vanished meanwhile (a racing delete)."""
         now = _now()
         with self._session(write=True) as s:
-            _lock_blob(s, blob.sha256)
+            queries.lock_blob(s, blob.sha256)
             if not blob.written and not self.store.exists(blob.sha256):
                 s.rollback()
                 return None
-            model_id, number = _next_version(s, name, now)
+            model_id, number = queries.next_version(s, name, now)
             row = Version(
                 model_id=model_id, version=number, format=fmt, sha256=blob.sha256, size=blob.size,
                 spec=spec, pickle_globals=list(globals_), description=description, tags=tags,
@@ -176,7 +180,7 @@ class Registry:
             s.flush()
             if alias is not None:
                 self._move_alias(s, model_id, name, alias, row, reason="pushed with --alias", expect=ANY)
-            return _record(s, row, name)
+            return queries.record(s, row, name)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -188,7 +192,7 @@ class Registry:
         """
         parsed = parse_ref(ref, version=version, alias=alias)
         with self._session() as s:
-            return _record(s, _resolve(s, parsed), parsed.name)
+            return queries.record(s, queries.resolve(s, parsed), parsed.name)
 
     def models(self) -> list[ModelSummary]:
         """Every model with its latest version and aliases, by name."""
@@ -207,7 +211,7 @@ class Registry:
             ):
                 aliases.setdefault(model_id, {})[alias_name] = number
             return [
-                ModelSummary(m.name, latest, count or 0, aliases.get(m.id, {}), _aware(m.created_at))
+                ModelSummary(m.name, latest, count or 0, aliases.get(m.id, {}), queries.aware(m.created_at))
                 for m, latest, count in rows
             ]
 
@@ -219,7 +223,7 @@ class Registry:
         """
         name = validate_name(name)
         with self._session() as s:
-            model = _model(s, name)
+            model = queries.get_model(s, name)
             query = select(Version).where(Version.model_id == model.id).order_by(Version.version.desc())
             if before is not None:
                 query = query.where(Version.version < before)
@@ -231,7 +235,7 @@ class Registry:
                 select(Alias.name, Alias.version_id).where(Alias.model_id == model.id)
             ):
                 by_version.setdefault(version_id, []).append(alias_name)
-            return [_to_record(r, name, by_version.get(r.id, [])) for r in rows]
+            return [queries.to_record(r, name, by_version.get(r.id, [])) for r in rows]
 
     def pull(
         self,
@@ -316,8 +320,8 @@ class Registry:
         validate_name(to, kind="alias")
         parsed = parse_ref(name, version=version)
         with self._session(write=True) as s:
-            model = _model(s, name, lock=True)
-            row = _resolve(s, parsed, model=model)
+            model = queries.get_model(s, name, lock=True)
+            row = queries.resolve(s, parsed, model=model)
             return self._move_alias(s, model.id, name, to, row, reason=reason, expect=expect)
 
     def demote(self, name: str, alias: str, *, reason: str | None = None) -> AliasEventRecord:
@@ -329,7 +333,7 @@ class Registry:
         name = validate_name(name)
         validate_name(alias, kind="alias")
         with self._session(write=True) as s:
-            model = _model(s, name, lock=True)
+            model = queries.get_model(s, name, lock=True)
             current = s.get(Alias, (model.id, alias))
             if current is None:
                 raise NotFound(name, alias=alias)
@@ -341,11 +345,11 @@ class Registry:
         """Every promotion and demotion of ``name``'s aliases, oldest first."""
         name = validate_name(name)
         with self._session() as s:
-            model = _model(s, name)
+            model = queries.get_model(s, name)
             rows = s.scalars(
                 select(AliasEvent).where(AliasEvent.model_id == model.id).order_by(AliasEvent.id)
             )
-            return [_event_record(e, name) for e in rows]
+            return [queries.event_record(e, name) for e in rows]
 
     def _move_alias(
         self, s: Session, model_id: int, name: str, alias: str, row: Version,
@@ -369,7 +373,7 @@ class Registry:
                            at=_now(), user=self.settings.user, reason=reason)
         s.add(event)
         s.flush()
-        return _event_record(event, name)
+        return queries.event_record(event, name)
 
     # -- deleting and checking ----------------------------------------------------------------
 
@@ -384,9 +388,9 @@ class Registry:
         """
         parsed = parse_ref(ref, version=version)
         with self._session(write=True) as s:
-            model = _model(s, parsed.name, lock=True)
-            row = _resolve(s, parsed, model=model)
-            record = _record(s, row, parsed.name)
+            model = queries.get_model(s, parsed.name, lock=True)
+            row = queries.resolve(s, parsed, model=model)
+            record = queries.record(s, row, parsed.name)
             if record.aliases and not force:
                 raise AliasInUse(parsed.name, row.version, record.aliases)
             for alias_name in record.aliases:
@@ -400,18 +404,44 @@ class Registry:
     def _remove_blob_if_unused(self, sha256: str) -> bool:
         """Delete a blob no version references, holding the lock a push takes before committing."""
         with self._session(write=True) as s:
-            _lock_blob(s, sha256)
+            queries.lock_blob(s, sha256)
             if s.scalar(select(Version.id).where(Version.sha256 == sha256).limit(1)) is not None:
                 return False
             self.store.delete(sha256)
             return True
+
+    def gc(self, *, grace: timedelta = DEFAULT_GRACE, dry_run: bool = False) -> list[Garbage]:
+        """Remove blobs no version uses, and what killed pushes left behind, older than ``grace``.
+
+        The grace period protects pushes in progress: their blob is written before their version
+        row. A blob is removed only after re-checking, under the lock a committing push takes,
+        that no version references it.
+
+        Returns:
+            What was removed (with ``dry_run``: what would be).
+        """
+        cutoff = (_now() - grace).timestamp()
+        now = _now().timestamp()
+        with self._session() as s:
+            used = set(s.scalars(select(Version.sha256).distinct()))
+        found: list[Garbage] = []
+        for blob in self.store.iter_blobs():
+            if blob.sha256 not in used and blob.mtime <= cutoff:
+                if dry_run or self._remove_blob_if_unused(blob.sha256):
+                    found.append(Garbage("blob", blob.sha256, blob.size, now - blob.mtime))
+        for part in self.store.iter_partials():
+            if part.mtime <= cutoff:
+                if not dry_run:
+                    self.store.delete_partial(part.sha256)
+                found.append(Garbage("partial", part.sha256, part.size, now - part.mtime))
+        return found
 
     def verify(self, name: str | None = None) -> list[Problem]:
         """Re-hash every stored artifact (of ``name``, or all); returns what is missing or corrupt."""
         query = select(Model.name, Version.version, Version.sha256, Version.size).join(Model)
         if name is not None:
             with self._session() as s:
-                query = query.where(Version.model_id == _model(s, validate_name(name)).id)
+                query = query.where(Version.model_id == queries.get_model(s, validate_name(name)).id)
         problems: list[Problem] = []
         checked: dict[tuple[str, int], tuple[str, str] | None] = {}
         with self._session() as s:
@@ -447,10 +477,6 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)  # SQLite drops the zone
-
-
 def _torch_version() -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -479,73 +505,3 @@ def _check_tags(tags: Mapping[str, str] | None) -> dict[str, str]:
     return out
 
 
-def _lock_blob(s: Session, sha256: str) -> None:
-    # SQLite writers are already serialised (BEGIN IMMEDIATE); PostgreSQL needs a lock per blob so
-    # that a push committing a reference and a delete removing the blob cannot interleave.
-    if s.get_bind().dialect.name == "postgresql":
-        s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": int(sha256[:15], 16)})
-
-
-def _next_version(s: Session, name: str, now: datetime) -> tuple[int, int]:
-    """Create the model if needed and allocate its next version number, in the caller's transaction."""
-    dialect = s.get_bind().dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    s.execute(
-        insert(Model).values(name=name, last_version=0, created_at=now)
-        .on_conflict_do_nothing(index_elements=["name"])
-    )
-    # The UPDATE takes the model's row lock: concurrent pushes queue here and get gapless numbers.
-    model_id, number = s.execute(
-        update(Model).where(Model.name == name).values(last_version=Model.last_version + 1)
-        .returning(Model.id, Model.last_version)
-    ).one()
-    return model_id, number
-
-
-def _model(s: Session, name: str, *, lock: bool = False) -> Model:
-    query = select(Model).where(Model.name == name)
-    if lock:
-        query = query.with_for_update()
-    model = s.scalar(query)
-    if model is None:
-        raise NotFound(name)
-    return model
-
-
-def _resolve(s: Session, ref: Ref, *, model: Model | None = None) -> Version:
-    model = model or _model(s, ref.name)
-    query = select(Version).where(Version.model_id == model.id)
-    if ref.alias is not None:
-        query = query.join(Alias, Alias.version_id == Version.id).where(
-            Alias.model_id == model.id, Alias.name == ref.alias
-        )
-    elif ref.version is not None:
-        query = query.where(Version.version == ref.version)
-    else:
-        query = query.order_by(Version.version.desc()).limit(1)
-    row = s.scalar(query)
-    if row is None:
-        raise NotFound(ref.name, version=ref.version, alias=ref.alias)
-    return row
-
-
-def _record(s: Session, row: Version, name: str) -> ModelVersion:
-    aliases = s.scalars(select(Alias.name).where(Alias.version_id == row.id).order_by(Alias.name)).all()
-    return _to_record(row, name, list(aliases))
-
-
-def _to_record(row: Version, name: str, aliases: list[str]) -> ModelVersion:
-    return ModelVersion(
-        name=name, version=row.version, format=Format(row.format), sha256=row.sha256, size=row.size,
-        created_at=_aware(row.created_at), created_by=row.created_by, spec=row.spec,
-        pickle_globals=tuple(row.pickle_globals or ()), description=row.description,
-        tags=dict(row.tags or {}), aliases=tuple(sorted(aliases)), torch_version=row.torch_version,
-        python_version=row.python_version, source=row.source,
-    )
-
-
-def _event_record(e: AliasEvent, name: str) -> AliasEventRecord:
-    return AliasEventRecord(name, e.alias, e.version, e.previous, _aware(e.at), e.user, e.reason)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -105,3 +107,15 @@ def _login_name(env: Mapping[str, str]) -> str:
         return getpass.getuser()
     except (KeyError, OSError):  # no passwd entry, e.g. in a container with a random uid
         return f"uid-{os.getuid()}"
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)\Z")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``0``, ``90s``, ``30m``, ``2h``, ``1d`` (a bare number is seconds)."""
+    match = _DURATION_RE.match(text.strip().lower())
+    if match is None:
+        raise ConfigError(f"invalid duration {text!r}: use a number with s, m, h or d, e.g. 90s, 30m, 2h")
+    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])

@@ -8,7 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, create_engine, event, exc as sa_exc, text
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -105,7 +106,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     """Run Alembic migrations up to ``revision``, serialised against other processes doing the same."""
     from alembic import command
 
-    with _migration_connection(engine) as cfg:
+    with _migration_connection(engine) as cfg, _revision_errors(revision):
         command.upgrade(cfg, revision)
 
 
@@ -113,7 +114,7 @@ def downgrade(engine: Engine, revision: str) -> None:
     """Run Alembic migrations down to ``revision`` (``base`` empties the schema)."""
     from alembic import command
 
-    with _migration_connection(engine) as cfg:
+    with _migration_connection(engine) as cfg, _revision_errors(revision):
         command.downgrade(cfg, revision)
 
 
@@ -138,6 +139,17 @@ def _migration_connection(engine: Engine) -> Iterator[Config]:
             yield cfg
     except sa_exc.DBAPIError as e:
         raise _unreachable(engine, e) from e
+
+
+@contextmanager
+def _revision_errors(revision: str) -> Iterator[None]:
+    from alembic.util import CommandError
+
+    try:
+        yield
+    except CommandError as e:
+        raise ConfigError(f"cannot migrate to revision {revision!r}: {e}; "
+                          f"revisions are base, head, or 0001..{SCHEMA_HEAD}") from e
 
 
 def _unreachable(engine: Engine, e: sa_exc.DBAPIError) -> DatabaseError:

@@ -103,7 +103,7 @@ def load(
         module = _load_full(path, trusted, location, trust_pickle, artifact)
     elif fmt is Format.TORCHSCRIPT:
         with quiet_torchscript():
-            module = torch.jit.load(str(path), map_location=location)
+            module = torch.jit.load(str(path), map_location=location)  # type: ignore[no-untyped-call]
     else:
         raise FormatError(f"{artifact} has format {fmt.value!r}, which this version cannot load")
     return module.eval()
@@ -116,7 +116,8 @@ def _load_full(
 
     # The globals outside what weights_only already allows (tensor rebuilds, containers).
     needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    allowed, untrusted = [], []
+    allowed: list[Any] = []
+    untrusted: list[str] = []
     for name in needed:
         obj = _trusted_class(name, trusted)
         if obj is None:

@@ -111,3 +111,16 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.name}:{self.version} {self.kind}: {self.detail}"
+
+
+@dataclass(frozen=True, slots=True)
+class Garbage:
+    """Something ``gc`` removed (or, with ``dry_run``, would remove)."""
+
+    kind: str  # "blob" (no version uses it) | "partial" (a staging file or upload a killed push left)
+    key: str
+    size: int
+    age_seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)

@@ -37,7 +37,7 @@ class Blob:
 
 @dataclass(frozen=True, slots=True)
 class BlobInfo:
-    sha256: str
+    sha256: str  # for partials: the staging file's name
     size: int
     mtime: float  # seconds since the epoch, for gc's grace period
 
@@ -200,6 +200,23 @@ class BlobStore:
                     sha = str(info["name"]).rstrip("/").rsplit("/", 1)[-1]
                     if len(sha) == 64 and SHA256_HEX.issuperset(sha):
                         yield BlobInfo(sha, int(info["size"]), _mtime(info))
+
+    def iter_partials(self) -> Iterator[BlobInfo]:
+        """Staging files left by pushes that never finished (local storage; keyed by file name)."""
+        if not self.local:
+            return
+        tmp = Path(self.root) / TMP_PREFIX
+        with self._errors("list"):
+            if not tmp.is_dir():
+                return
+            for entry in os.scandir(tmp):
+                if entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    yield BlobInfo(entry.name, st.st_size, st.st_mtime)
+
+    def delete_partial(self, name: str) -> None:
+        with self._errors("delete"):
+            (Path(self.root) / TMP_PREFIX / Path(name).name).unlink(missing_ok=True)
 
     def _size(self, key: str) -> int | None:
         try:

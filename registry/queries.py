@@ -1,0 +1,89 @@
+"""SQL the API shares: resolving references, allocating versions, locking, and rows to records."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import select, text, update
+from sqlalchemy.orm import Session
+
+from registry.errors import NotFound
+from registry.models import Alias, AliasEvent, Model, Version
+from registry.records import AliasEvent as AliasEventRecord
+from registry.records import Format, ModelVersion
+from registry.refs import Ref
+
+
+def aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)  # SQLite drops the zone
+
+
+def lock_blob(s: Session, sha256: str) -> None:
+    # SQLite writers are already serialised (BEGIN IMMEDIATE); PostgreSQL needs a lock per blob so
+    # that a push committing a reference and a delete removing the blob cannot interleave.
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": int(sha256[:15], 16)})
+
+
+def next_version(s: Session, name: str, now: datetime) -> tuple[int, int]:
+    """Create the model if needed and allocate its next version number, in the caller's transaction."""
+    dialect = s.get_bind().dialect.name
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    s.execute(
+        insert(Model).values(name=name, last_version=0, created_at=now)
+        .on_conflict_do_nothing(index_elements=["name"])
+    )
+    # The UPDATE takes the model's row lock: concurrent pushes queue here and get gapless numbers.
+    model_id, number = s.execute(
+        update(Model).where(Model.name == name).values(last_version=Model.last_version + 1)
+        .returning(Model.id, Model.last_version)
+    ).one()
+    return model_id, number
+
+
+def get_model(s: Session, name: str, *, lock: bool = False) -> Model:
+    query = select(Model).where(Model.name == name)
+    if lock:
+        query = query.with_for_update()
+    model = s.scalar(query)
+    if model is None:
+        raise NotFound(name)
+    return model
+
+
+def resolve(s: Session, ref: Ref, *, model: Model | None = None) -> Version:
+    model = model or get_model(s, ref.name)
+    query = select(Version).where(Version.model_id == model.id)
+    if ref.alias is not None:
+        query = query.join(Alias, Alias.version_id == Version.id).where(
+            Alias.model_id == model.id, Alias.name == ref.alias
+        )
+    elif ref.version is not None:
+        query = query.where(Version.version == ref.version)
+    else:
+        query = query.order_by(Version.version.desc()).limit(1)
+    row = s.scalar(query)
+    if row is None:
+        raise NotFound(ref.name, version=ref.version, alias=ref.alias)
+    return row
+
+
+def record(s: Session, row: Version, name: str) -> ModelVersion:
+    aliases = s.scalars(select(Alias.name).where(Alias.version_id == row.id).order_by(Alias.name)).all()
+    return to_record(row, name, list(aliases))
+
+
+def to_record(row: Version, name: str, aliases: list[str]) -> ModelVersion:
+    return ModelVersion(
+        name=name, version=row.version, format=Format(row.format), sha256=row.sha256, size=row.size,
+        created_at=aware(row.created_at), created_by=row.created_by, spec=row.spec,
+        pickle_globals=tuple(row.pickle_globals or ()), description=row.description,
+        tags=dict(row.tags or {}), aliases=tuple(sorted(aliases)), torch_version=row.torch_version,
+        python_version=row.python_version, source=row.source,
+    )
+
+
+def event_record(e: AliasEvent, name: str) -> AliasEventRecord:
+    return AliasEventRecord(name, e.alias, e.version, e.previous, aware(e.at), e.user, e.reason)

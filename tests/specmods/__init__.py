@@ -1,0 +1,1 @@
+"""Importable user models for the spec tests (trusted as ``tests.specmods``)."""
