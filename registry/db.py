@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 #: The newest migration in ``migrations/versions``; a test checks it against Alembic's head.
-SCHEMA_HEAD = "0001"
+SCHEMA_HEAD = "0002"
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 
@@ -49,7 +49,13 @@ def make_engine(url: str) -> Engine:
 
 def _sqlite_engine(url: Any) -> Engine:
     if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
-        Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(url.database).expanduser().parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            shown = redact(url.render_as_string(hide_password=True))
+            raise DatabaseError(f"database {shown} failed: cannot create the folder {folder}: "
+                                f"{e.strerror or e}", url=shown) from e
     engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
 
     @event.listens_for(engine, "connect")
@@ -98,8 +104,22 @@ def current(engine: Engine) -> str | None:
 
 def ensure_schema(engine: Engine) -> None:
     """Bring the database to :data:`SCHEMA_HEAD` if (and only if) it is behind."""
-    if current(engine) != SCHEMA_HEAD:
-        upgrade(engine, "head")
+    if current(engine) == SCHEMA_HEAD:
+        return
+    from alembic import command
+
+    with _migration_connection(engine) as cfg, _revision_errors("head"):
+        # Processes starting together on a new database queue for the migration lock; all but the
+        # first find the work done, and skip loading the migration scripts while holding the lock.
+        if _revision_in(cfg.attributes["connection"]) != SCHEMA_HEAD:
+            command.upgrade(cfg, "head")
+
+
+def _revision_in(conn: Connection) -> str | None:
+    if not inspect(conn).has_table("alembic_version"):
+        return None
+    value = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    return None if value is None else str(value)
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
@@ -131,14 +151,40 @@ def alembic_config() -> Config:
 def _migration_connection(engine: Engine) -> Iterator[Config]:
     cfg = alembic_config()
     try:
-        with writer(engine).begin() as conn:
-            if conn.dialect.name == "postgresql":
-                # Two processes starting on a new database must not both create the tables.
-                conn.execute(text("SELECT pg_advisory_xact_lock(7305001)"))
-            cfg.attributes["connection"] = conn
-            yield cfg
+        with writer(engine).connect() as conn:
+            sqlite = conn.dialect.name == "sqlite"
+            if sqlite:
+                # Batch mode rebuilds a table by copy, DROP and rename; with foreign keys on, that DROP
+                # would cascade-delete every referencing row (Alembic batch docs). The pragma is a
+                # no-op inside a transaction, so it goes before BEGIN; the check below replaces it.
+                _sqlite_pragma(conn, "foreign_keys=OFF")
+            try:
+                with conn.begin():
+                    if conn.dialect.name == "postgresql":
+                        # Two processes starting on a new database must not both create the tables.
+                        conn.execute(text("SELECT pg_advisory_xact_lock(7305001)"))
+                    cfg.attributes["connection"] = conn
+                    yield cfg
+                    if sqlite:
+                        broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                        if broken:
+                            raise DatabaseError(
+                                f"migration left {len(broken)} rows with dangling foreign keys "
+                                f"(first: {tuple(broken[0])}); rolled back",
+                                url=redact(engine.url.render_as_string(hide_password=True)))
+            finally:
+                if sqlite:
+                    _sqlite_pragma(conn, "foreign_keys=ON")
     except sa_exc.DBAPIError as e:
         raise _unreachable(engine, e) from e
+
+
+def _sqlite_pragma(conn: Connection, pragma: str) -> None:
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(f"PRAGMA {pragma}")
+    finally:
+        cursor.close()
 
 
 @contextmanager

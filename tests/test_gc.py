@@ -1,0 +1,109 @@
+"""gc: the grace period (also for --dry-run), blobs in use are never removed, duration parsing."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from registry import Registry
+from registry.config import parse_duration
+from registry.errors import ConfigError
+from tests.conftest import Cli
+from tests.processes import model_files, sha256
+
+HOUR = 3600
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return model_files(tmp_path_factory.mktemp("models"), 3)
+
+
+def age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def blob(storage: Path, sha: str) -> Path:
+    return storage / "blobs" / "sha256" / sha[:2] / sha
+
+
+def gc_json(cli: Cli, db_url: str, storage: Path, *args: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = json.loads(
+        cli.ok("--db", db_url, "--storage", str(storage), "--json", "gc", *args).stdout)
+    return out
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("0", 0), ("90s", 90), ("30m", 1800), ("2h", 7200), ("1d", 86400), ("45", 45), ("1.5h", 5400), (" 2H ", 7200),
+])
+def test_parse_duration(text: str, seconds: int) -> None:
+    assert parse_duration(text) == timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize("text", ["", "soon", "-1s", "2w", "1h30m", "h"])
+def test_parse_duration_refuses(text: str) -> None:
+    with pytest.raises(ConfigError, match="invalid duration"):
+        parse_duration(text)
+
+
+def test_bad_grace_is_a_usage_error(cli: Cli) -> None:
+    result = cli.run("gc", "--grace", "soon")
+    assert result.exit_code == 2 and "Invalid value for --grace" in result.stderr
+    assert "invalid duration 'soon'" in result.stderr
+
+
+def test_gc_never_removes_a_blob_a_version_uses(db_url: str, tmp_path: Path, files: list[Path], cli: Cli) -> None:
+    storage = tmp_path / "artifacts"
+    with Registry(db=db_url, storage=storage) as reg:
+        reg.push("a", files[0])
+        reg.push("b", files[0])  # the same bytes: one blob, two users
+        reg.push("a", files[1])
+        reg.delete("b:1")  # one user left: the blob stays
+    for sha in map(sha256, files[:2]):
+        age(blob(storage, sha), 30 * 24 * HOUR)
+    assert gc_json(cli, db_url, storage, "--grace", "0", "--dry-run") == []
+    assert gc_json(cli, db_url, storage, "--grace", "0") == []
+    assert all(blob(storage, sha256(f)).exists() for f in files[:2])
+    with Registry(db=db_url, storage=storage) as reg:
+        assert reg.verify() == []
+        reg.delete("a:1")  # the last user: its blob goes with it
+    assert not blob(storage, sha256(files[0])).exists()
+
+
+def test_grace_applies_to_gc_and_to_dry_run(db_url: str, tmp_path: Path, files: list[Path], cli: Cli) -> None:
+    storage = tmp_path / "artifacts"
+    with Registry(db=db_url, storage=storage) as reg:
+        reg.push("a", files[0])
+    # What killed pushes leave: a complete blob no version uses, and a staging file.
+    orphan = blob(storage, sha256(files[1]))
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(files[1].read_bytes())
+    age(orphan, 30 * 60)
+    partial = storage / "tmp" / "0123abcd.part"
+    partial.write_bytes(b"half a model")
+    age(partial, 3 * HOUR)
+    age(blob(storage, sha256(files[0])), 3 * HOUR)
+
+    def listed(*args: str) -> set[tuple[str, str]]:
+        return {(g["kind"], g["key"]) for g in gc_json(cli, db_url, storage, *args)}
+
+    assert listed("--dry-run") == {("partial", "0123abcd.part")}  # default grace: 1h
+    assert listed("--dry-run", "--grace", "2h") == {("partial", "0123abcd.part")}
+    assert listed("--dry-run", "--grace", "10m") == {("partial", "0123abcd.part"), ("blob", sha256(files[1]))}
+    assert listed("--dry-run", "--grace", "4h") == set()
+    assert orphan.exists() and partial.exists()  # dry runs remove nothing
+
+    assert listed() == {("partial", "0123abcd.part")}
+    assert orphan.exists() and not partial.exists()
+    assert listed("--grace", "90s") == {("blob", sha256(files[1]))}
+    assert not orphan.exists() and blob(storage, sha256(files[0])).exists()
+    assert listed("--grace", "0") == set()
+    human = cli.ok("--db", db_url, "--storage", str(storage), "gc", "--grace", "30m").stdout
+    assert human.strip() == "nothing to remove (grace 30m)"
