@@ -1,0 +1,87 @@
+"""A local cache of remote blobs: fetched once, verified while streaming, renamed into place, re-verified on use.
+
+The cache is itself a local :class:`~registry.store.BlobStore` (same ``blobs/sha256/ab/<hex>``
+layout, same verified reads and atomic renames) under ``$REGISTRY_CACHE`` (default
+``$REGISTRY_HOME/cache``). A blob enters it only after the bytes that arrived hashed to the
+expected sha256, so a corrupt remote object never poisons it; a cache file that fails
+verification later is discarded and fetched again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from registry.errors import IntegrityError, StorageError
+from registry.records import CacheInfo
+from registry.store import BlobStore, ProgressFactory
+
+
+class BlobCache:
+    """Verified local copies of the blobs of a remote :class:`BlobStore`."""
+
+    def __init__(self, root: Path, *, progress: ProgressFactory | None = None) -> None:
+        self.root = root
+        self._local: BlobStore | None = None
+        self._progress = progress
+
+    @property
+    def local(self) -> BlobStore:
+        if self._local is None:
+            self._local = BlobStore(str(self.root), progress=self._progress)
+        return self._local
+
+    def path(self, remote: BlobStore, sha256: str, size: int, *, artifact: str, name: str | None = None) -> Path:
+        """A local file holding the verified bytes of ``sha256``, downloading them if not cached (or damaged)."""
+        try:
+            return self.local.local_path(sha256, size, artifact=artifact, name=name)
+        except IntegrityError:
+            self.local.delete(sha256)  # damaged since it was cached: discard and fetch again
+        except StorageError:
+            pass  # not cached yet
+        return self._fetch(remote, sha256, size, artifact=artifact, name=name)
+
+    def copy_to(self, remote: BlobStore, sha256: str, size: int, dest: Path, *, artifact: str,
+                name: str | None = None, overwrite: bool = False) -> Path:
+        """Write the verified blob to ``dest`` atomically, through the cache (hashed once per copy)."""
+        if not self.local.exists(sha256):
+            self._fetch(remote, sha256, size, artifact=artifact, name=name)
+        try:
+            return self.local.copy_to(sha256, dest, artifact=artifact, name=name, overwrite=overwrite)
+        except IntegrityError:
+            self.local.delete(sha256)
+        self._fetch(remote, sha256, size, artifact=artifact, name=name)
+        return self.local.copy_to(sha256, dest, artifact=artifact, name=name, overwrite=overwrite)
+
+    def info(self) -> CacheInfo:
+        """Where the cache is, how many blobs it holds and their total size."""
+        blobs = list(self.local.iter_blobs()) if self.root.is_dir() else []
+        return CacheInfo(str(self.root), len(blobs), sum(b.size for b in blobs))
+
+    def clear(self) -> CacheInfo:
+        """Remove every cached blob (and download leftovers); returns what was removed."""
+        before = self.info()
+        shutil.rmtree(self.root / "blobs", ignore_errors=True)
+        for part in self.local.iter_partials() if self.root.is_dir() else ():
+            self.local.delete_partial(part.sha256)
+        return before
+
+    def _fetch(self, remote: BlobStore, sha256: str, size: int, *, artifact: str, name: str | None) -> Path:
+        local = self.local
+        final = Path(local.key(sha256))
+        tmp = local.tmp_dir() / f"{uuid.uuid4().hex}.part"
+        try:
+            actual = remote.download(sha256, size, tmp, artifact=artifact)
+            if actual != sha256:
+                raise IntegrityError(artifact, sha256, actual, name=name)
+            try:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, final)  # atomic: a concurrent reader sees no file or the verified one
+            except OSError as e:
+                raise StorageError(f"cannot write the cache {self.root}: {e.strerror or e}",
+                                   url=str(self.root)) from e
+        finally:
+            tmp.unlink(missing_ok=True)
+        return final
