@@ -1,0 +1,79 @@
+"""The ``export`` format: ``torch.export`` programs saved with ``torch.export.save`` (``.pt2``).
+
+Loading returns ``ExportedProgram.module()``, a callable ``nn.Module`` that needs no class definition.
+That module does not support ``.eval()`` or ``.train()`` (torch 2.13 raises NotImplementedError): its
+train/eval behaviour is the one it was exported in, so the registry exports live modules in eval mode
+and never calls ``.eval()`` on a loaded program.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from registry.errors import FormatError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def save(model: Any, path: Path, example_inputs: tuple[torch.Tensor, ...] | None, dynamic_shapes: Any) -> None:
+    """Export ``model`` (in eval mode) with the example inputs and save the program; or save a program.
+
+    Raises:
+        FormatError: no example inputs were given for a module.
+        Exception: whatever torch.export raises (the caller turns it into one line).
+    """
+    import torch
+
+    if isinstance(model, torch.export.ExportedProgram):
+        _save(model, path)
+        return
+    if example_inputs is None:
+        raise FormatError("exporting a module needs example inputs: pass example_inputs= "
+                          "(a tensor or a tuple of tensors to trace it with)")
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        program = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    _save(program, path)
+
+
+def _save(program: torch.export.ExportedProgram, path: Path) -> None:
+    import torch
+
+    # A file object: torch warns about any path not ending in .pt2, and staged files and blobs do not.
+    with open(path, "wb") as f:
+        torch.export.save(program, f)
+
+
+def load(path: Path, *, map_location: str | torch.device | None, artifact: str) -> torch.nn.Module:
+    """Vet the archive, load the program, move it if asked, and return its module (not put in eval()).
+
+    Raises:
+        FormatError, UntrustedPickle: the archive is refused (see :mod:`registry.pt2`) or does not load.
+    """
+    import torch
+
+    from registry import pt2
+
+    pt2.vet(path, label=artifact)  # before torch.export.load reads a single byte of it
+    try:
+        with open(path, "rb") as f:  # a file object: blobs have no .pt2 suffix for torch to expect
+            program = torch.export.load(f)
+        if map_location is not None:
+            from torch.export.passes import move_to_device_pass
+
+            program = move_to_device_pass(program, map_location)
+        module: torch.nn.Module = program.module()
+    except Exception as e:
+        raise FormatError(f"cannot load {artifact}: {_one_line(e)}") from e
+    return module
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return " ".join(text.splitlines()[0].split())[:500]
