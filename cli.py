@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import gc as pygc
 import json
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -14,6 +17,9 @@ import click
 from registry.errors import RegistryError, SpecError
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: Transfers smaller than this finish too quickly to deserve a progress bar.
+PROGRESS_MIN_BYTES = 4 * 1024 * 1024
 
 
 class RegistryGroup(click.Group):
@@ -45,8 +51,25 @@ class State:
         if self._registry is None:
             from registry.api import Registry
 
-            self._registry = Registry(db=self.db, storage=self.storage)
+            self._registry = Registry(db=self.db, storage=self.storage, progress=self.progress())
+            _resume_gc()
         return self._registry
+
+    def progress(self) -> Callable[[str, int], Any] | None:
+        """tqdm bars on stderr for large transfers; none with --quiet or when stderr is not a terminal.
+
+        Bars never touch stdout, so --json output stays one clean document.
+        """
+        if self.quiet or not stderr_is_terminal():
+            return None
+
+        def bar(description: str, total: int) -> Any:
+            from tqdm import tqdm
+
+            return tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1024,
+                        file=sys.stderr, leave=False, dynamic_ncols=True, disable=total < PROGRESS_MIN_BYTES)
+
+        return bar
 
     def settings(self) -> Any:
         from registry.config import Settings
@@ -59,6 +82,10 @@ class State:
 
 
 pass_state = click.make_pass_decorator(State)
+
+
+def stderr_is_terminal() -> bool:
+    return sys.stderr.isatty()
 
 
 def json_option(f: F) -> F:
@@ -123,16 +150,20 @@ def cli(ctx: click.Context, db: str | None, storage: str | None, as_json: bool, 
                                                     "export", "safetensors"]),
               default="auto", show_default=True, help="Artifact format; auto detects it from the bytes.")
 @click.option("--arch", type=click.Path(dir_okay=False, path_type=Path), metavar="SPEC.json",
-              help="Architecture spec (JSON), required for a state_dict.")
+              help="Architecture spec (JSON), required for a state_dict or safetensors file.")
 @click.option("--description", help="Free text shown by 'registry show'.")
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="A tag; repeat for more.")
 @click.option("--alias", help="Also point this alias at the new version.")
+@click.option("--example", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Example inputs (a tensor or tuple of tensors saved with torch.save): recorded with the "
+                   "version as its signature, for 'registry check'.")
 @json_option
 @pass_state
 def push(state: State, name: str, file: Path, fmt: str, arch: Path | None, description: str | None,
-         tags: tuple[str, ...], alias: str | None) -> None:
+         tags: tuple[str, ...], alias: str | None, example: Path | None) -> None:
     """Store FILE as the next version of model NAME."""
     spec = _read_spec(arch) if arch is not None else None
+    example_inputs = _read_example(example) if example is not None else None
     tag_map = {}
     for tag in tags:
         key, sep, value = tag.partition("=")
@@ -140,7 +171,7 @@ def push(state: State, name: str, file: Path, fmt: str, arch: Path | None, descr
             raise click.BadParameter(f"{tag!r} is not KEY=VALUE", param_hint="--tag")
         tag_map[key] = value
     mv = state.registry.push(name, file, format=None if fmt == "auto" else fmt, spec=spec,
-                             description=description, tags=tag_map, alias=alias)
+                             description=description, tags=tag_map, alias=alias, example_inputs=example_inputs)
     how = " (detected)" if fmt == "auto" else ""
     render(state, mv.to_json(), lambda: click.echo(
         f"{mv.ref}  {mv.format.value}{how}  {human_size(mv.size)}  sha256:{mv.sha256}"
@@ -181,10 +212,11 @@ def list_(state: State, name: str | None, limit: int, before: int | None) -> Non
             ("MODEL", "LATEST", "VERSIONS", "ALIASES")))
         return
     versions = state.registry.versions(name, limit=limit, before=before)
+    lineage = any(v.source for v in versions)  # the SOURCE column only once a version was converted
     render(state, [v.to_json() for v in versions], lambda: table(
         [(v.ref, v.format.value, human_size(v.size), v.sha256[:12], v.created_at.strftime("%Y-%m-%d %H:%M"),
-          ", ".join(v.aliases)) for v in versions],
-        ("VERSION", "FORMAT", "SIZE", "SHA256", "CREATED", "ALIASES")))
+          ", ".join(v.aliases), *([v.source] if lineage else [])) for v in versions],
+        ("VERSION", "FORMAT", "SIZE", "SHA256", "CREATED", "ALIASES", *(["SOURCE"] if lineage else []))))
 
 
 @cli.command()
@@ -212,6 +244,11 @@ def show(state: State, ref: str, version: int | None, alias: str | None) -> None
         if mv.spec is not None:
             click.echo("spec:")
             click.echo(json.dumps(mv.spec, indent=2, sort_keys=True))
+        if mv.signature is not None:
+            from registry.signature import describe
+
+            click.echo("signature:")
+            lines_out([f"  {line}" for line in describe(mv.signature)])
 
     render(state, mv.to_json(), human)
 
@@ -260,9 +297,14 @@ def demote(state: State, name: str, alias: str, reason: str | None) -> None:
 def history(state: State, name: str) -> None:
     """Every promotion and demotion of NAME's aliases, oldest first."""
     events = state.registry.history(name)
-    render(state, [e.to_json() for e in events], lambda: table(
-        [(e.at.isoformat(timespec="seconds"), e.action, e.alias, e.version, e.previous, e.user, e.reason)
-         for e in events], ("TIME", "ACTION", "ALIAS", "VERSION", "PREVIOUS", "USER", "REASON")))
+    # Lineage: the version each event points at may have been converted from another one.
+    sources = {v.version: v.source for v in state.registry.versions(name) if v.source}
+    lineage = any(e.version in sources for e in events)
+    render(state, [{**e.to_json(), "source": sources.get(e.version) if e.version else None} for e in events],
+           lambda: table(
+        [(e.at.isoformat(timespec="seconds"), e.action, e.alias, e.version, e.previous, e.user, e.reason,
+          *([sources.get(e.version) if e.version else None] if lineage else [])) for e in events],
+        ("TIME", "ACTION", "ALIAS", "VERSION", "PREVIOUS", "USER", "REASON", *(["SOURCE"] if lineage else []))))
 
 
 @cli.command()
@@ -283,11 +325,41 @@ def delete(state: State, ref: str, version: int | None, force: bool) -> None:
 @pass_state
 def verify(state: State, name: str | None) -> None:
     """Re-hash stored artifacts; report missing or corrupt ones (exit 1 if any)."""
-    problems = state.registry.verify(name)
-    render(state, [p.to_json() for p in problems],
-           lambda: lines_out([str(p) for p in problems] or ["all artifacts verified"]))
-    if problems:
+    found: list[dict[str, Any]] = []
+    count = 0
+    for problem in state.registry.iter_problems(name):  # streamed: a line per problem as it is found
+        count += 1
+        if state.as_json:
+            found.append(problem.to_json())
+        else:
+            click.echo(str(problem))
+    if state.as_json:
+        render(state, found, lambda: None)
+    elif not count:
+        click.echo("all artifacts verified")
+    if count:
         sys.exit(1)
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--version", type=click.IntRange(min=1), help="Version number (instead of NAME:N).")
+@click.option("--alias", help="Alias (instead of NAME@ALIAS).")
+@click.option("--device", help="Device for the weights (default cpu).")
+@click.option("--trust-pickle", is_flag=True,
+              help="Let a whole-model pickle import classes outside the trusted modules (runs their code).")
+@json_option
+@pass_state
+def load(state: State, ref: str, version: int | None, alias: str | None, device: str | None,
+         trust_pickle: bool) -> None:
+    """Verify and load REF in this process, and describe the module it gives."""
+    info = state.registry.describe(ref, version=version, alias=alias, map_location=device,
+                                   trust_pickle=trust_pickle)
+    render(state, info, lambda: lines_out([
+        f"{info['ref']}  {info['format']}  loaded as {info['class']}",
+        f"parameters: {info['parameters']:,} ({human_size(info['parameter_bytes'])}, {info['dtypes']})",
+        f"device: {info['device']}",
+    ]))
 
 
 @cli.command()
@@ -299,11 +371,41 @@ def verify(state: State, name: str | None) -> None:
 def gc(state: State, grace: str, dry_run: bool) -> None:
     """Remove blobs no version uses and what interrupted pushes left behind."""
     from registry.config import parse_duration
+    from registry.errors import ConfigError
 
-    found = state.registry.gc(grace=parse_duration(grace), dry_run=dry_run)
+    try:
+        grace_period = parse_duration(grace)
+    except ConfigError as e:
+        raise click.BadParameter(str(e), param_hint="--grace") from None
+    found = state.registry.gc(grace=grace_period, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     lines = [f"{verb} {g.kind} {g.key} ({human_size(g.size)}, {g.age_seconds:.0f}s old)" for g in found]
     render(state, [g.to_json() for g in found], lambda: lines_out(lines or [f"nothing to remove (grace {grace})"]))
+
+
+@cli.group(cls=RegistryGroup)
+def cache() -> None:
+    """Inspect or empty the local cache of artifacts downloaded from remote storage."""
+
+
+@cache.command(name="info")
+@json_option
+@pass_state
+def cache_info(state: State) -> None:
+    """Show where the cache is, how many artifacts it holds and their size."""
+    info = state.registry.cache_info()
+    render(state, info.to_json(), lambda: lines_out([
+        f"location: {info.path}", f"blobs:    {info.blobs}", f"size:     {human_size(info.bytes)}"]))
+
+
+@cache.command(name="clear")
+@json_option
+@pass_state
+def cache_clear(state: State) -> None:
+    """Remove every cached artifact (later loads download them again)."""
+    removed = state.registry.clear_cache()
+    render(state, removed.to_json(), lambda: click.echo(
+        f"removed {removed.blobs} cached artifacts ({human_size(removed.bytes)}) from {removed.path}"))
 
 
 @cli.group(cls=RegistryGroup)
@@ -362,6 +464,76 @@ def current(state: State) -> None:
            lambda: click.echo(f"{now or 'none'}{' (head)' if now == head else f' (head is {head})'}"))
 
 
+@cli.command()
+@click.argument("ref")
+@click.option("--version", type=click.IntRange(min=1), help="Version number (instead of NAME:N).")
+@click.option("--alias", help="Alias (instead of NAME@ALIAS).")
+@click.option("--rtol", type=click.FloatRange(min=0), help="Relative tolerance [default 1e-4].")
+@click.option("--atol", type=click.FloatRange(min=0), help="Absolute tolerance [default 1e-5].")
+@click.option("--trust-pickle", is_flag=True,
+              help="Let a whole-model pickle run code from untrusted classes (only if you trust its author).")
+@json_option
+@pass_state
+def check(state: State, ref: str, version: int | None, alias: str | None, rtol: float | None,
+          atol: float | None, trust_pickle: bool) -> None:
+    """Run REF's recorded example and compare with the recorded outputs (exit 1 if they drifted)."""
+    report = state.registry.check(ref, version=version, alias=alias, rtol=rtol, atol=atol,
+                                  trust_pickle=trust_pickle)
+    render(state, report.to_json(), lambda: lines_out(
+        [f"{'ok   ' if o.ok else 'DRIFT'}  {o.path}: {o.detail}" for o in report.outputs] + [report.summary()]))
+    if not report.ok:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--to", "to", required=True, type=click.Choice(["state_dict", "safetensors", "torchscript", "export"]),
+              help="Format of the new version.")
+@click.option("--example", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Inputs to trace an export with (default: the recorded signature's).")
+@click.option("--arch", type=click.Path(dir_okay=False, path_type=Path), metavar="SPEC.json",
+              help="Architecture spec, for state_dict/safetensors from a torchscript or export version.")
+@click.option("--rtol", type=click.FloatRange(min=0), help="Relative tolerance of the output check [default 1e-4].")
+@click.option("--atol", type=click.FloatRange(min=0), help="Absolute tolerance of the output check [default 1e-5].")
+@click.option("--description", help="Free text shown by 'registry show'.")
+@click.option("--trust-pickle", is_flag=True,
+              help="Let a whole-model pickle run code from untrusted classes (only if you trust its author).")
+@json_option
+@pass_state
+def convert(state: State, ref: str, to: str, example: Path | None, arch: Path | None, rtol: float | None,
+            atol: float | None, description: str | None, trust_pickle: bool) -> None:
+    """Write REF in another format and push it as the model's next version (source: REF)."""
+    spec = _read_spec(arch) if arch is not None else None
+    example_inputs = _read_example(example) if example is not None else None
+    mv = state.registry.convert(ref, to, example_inputs=example_inputs, spec=spec, rtol=rtol, atol=atol,
+                                description=description, trust_pickle=trust_pickle)
+    checked = " (outputs checked against the signature)" if mv.signature is not None else ""
+    render(state, mv.to_json(), lambda: click.echo(
+        f"{mv.ref}  {mv.format.value}  from {mv.source}{checked}  {human_size(mv.size)}  sha256:{mv.sha256}"))
+
+
+@cli.command()
+@click.argument("ref_a")
+@click.argument("ref_b")
+@click.option("--exit-code", is_flag=True, help="Exit 1 when the versions differ (as git diff --exit-code).")
+@click.option("--trust-pickle", is_flag=True,
+              help="Let a whole-model pickle run code from untrusted classes (only if you trust its author).")
+@json_option
+@pass_state
+def diff(state: State, ref_a: str, ref_b: str, exit_code: bool, trust_pickle: bool) -> None:
+    """Compare the parameters of two versions: spec, tensors added/removed/changed, max abs difference."""
+    report = state.registry.diff(ref_a, ref_b, trust_pickle=trust_pickle)
+    render(state, report.to_json(), lambda: lines_out(report.lines()))
+    if exit_code and not report.identical:
+        sys.exit(1)
+
+
+def _read_example(path: Path) -> Any:
+    from registry.signature import read_example
+
+    return read_example(path)
+
+
 def _read_spec(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -371,8 +543,55 @@ def _read_spec(path: Path) -> Any:
         raise SpecError(f"spec file {str(path)!r} is not valid JSON: {e}") from e
 
 
+#: Set by main() while the command starts up without the cyclic garbage collector.
+_gc_paused = False
+
+
+def _resume_gc() -> None:
+    """Collect again once the heavy imports are done; what they created is frozen out of later passes."""
+    global _gc_paused
+    if _gc_paused:
+        _gc_paused = False
+        pygc.freeze()
+        pygc.enable()
+
+
 def main() -> None:
-    cli(prog_name="registry")
+    """The console script: one short-lived command.
+
+    Startup and shutdown are most of a metadata command's time. The cyclic collector would walk
+    SQLAlchemy's hundred thousand new objects again and again while it is imported (about 50 ms),
+    and tearing them all down at exit takes longer than the query (about 80 ms). So the collector
+    is paused until the Registry is built, and the process exits without the teardown, after
+    atexit handlers ran and output was flushed ("dismissing Python garbage collection", Instagram).
+    """
+    global _gc_paused
+    if pygc.isenabled():
+        pygc.disable()
+        _gc_paused = True
+    try:
+        cli(prog_name="registry")
+        code: Any = 0
+    except SystemExit as e:
+        code = e.code
+    _exit(code)
+
+
+def _exit(code: Any) -> None:
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    elif not isinstance(code, int):
+        code = 0 if code is None else 1
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)  # a thread still working: the normal shutdown waits for it
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (registry list | head): nothing more to say
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from registry.errors import (
     UntrustedPickle,
     UntrustedTarget,
 )
-from registry.records import AliasEvent, Format, ModelSummary, ModelVersion, Problem
+from registry.records import AliasEvent, CacheInfo, Format, Garbage, ModelSummary, ModelVersion, Problem
 
 if TYPE_CHECKING:
     from registry.api import Registry
@@ -32,10 +32,12 @@ __all__ = [
     "AliasEvent",
     "AliasInUse",
     "AlreadyExists",
+    "CacheInfo",
     "ConfigError",
     "DatabaseError",
     "Format",
     "FormatError",
+    "Garbage",
     "IntegrityError",
     "InvalidName",
     "InvalidReference",

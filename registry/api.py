@@ -10,12 +10,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
+from registry import _testhooks, queries
 from registry import db as database
-from registry import queries
 from registry.config import Settings
 from registry.errors import (
     AliasConflict,
@@ -31,14 +31,22 @@ from registry.models import Alias, AliasEvent, Model, Version
 from registry.records import AliasEvent as AliasEventRecord
 from registry.records import Format, Garbage, ModelSummary, ModelVersion, Problem
 from registry.refs import parse_ref, validate_name
-from registry.store import Blob, BlobStore
 
 if TYPE_CHECKING:
     import torch
 
+    from registry.cache import BlobCache
+    from registry.diff import DiffReport
+    from registry.diff import Side as DiffSide
+    from registry.records import CacheInfo
+    from registry.signature import CheckReport
+    from registry.store import Blob, BlobStore, ProgressFactory
+
 #: ``expect=`` default: promote unconditionally.
 ANY = object()
 PUSH_ATTEMPTS = 3
+#: Versions ``verify`` reads per query.
+VERIFY_PAGE = 500
 #: Orphans younger than this may belong to a push that has not committed yet.
 DEFAULT_GRACE = timedelta(hours=1)
 
@@ -55,6 +63,12 @@ class Registry:
         trusted_modules: module prefixes besides ``torch.nn`` whose classes specs and pickles may
             name (default ``REGISTRY_TRUSTED_MODULES``, comma separated).
         user: recorded with pushes and promotions (default ``REGISTRY_USER``, else the login name).
+        progress: ``progress(description, total_bytes)`` returns a bar (``update(n)``, ``close()``)
+            for one upload or download; the CLI passes tqdm bars. None (the default): no bars, since
+            the library never writes to the terminal.
+
+    Remote storage (``s3://bucket/prefix``) keeps verified copies of what ``load`` and ``pull``
+    download in a local cache (``REGISTRY_CACHE``, default ``$REGISTRY_HOME/cache``).
 
     Example:
         >>> reg = Registry()
@@ -71,16 +85,39 @@ class Registry:
         storage_options: Mapping[str, Any] | None = None,
         trusted_modules: Sequence[str] | None = None,
         user: str | None = None,
+        progress: ProgressFactory | None = None,
     ) -> None:
         self.settings = Settings.resolve(
             db=db, storage=storage, storage_options=storage_options,
             trusted_modules=trusted_modules, user=user,
         )
+        self._progress = progress
+        self._cache: BlobCache | None = None
         self._engine = database.make_engine(self.settings.db_url)
         self._reader = database.sessions(self._engine)
         self._writer = database.sessions(database.writer(self._engine))
-        self.store = BlobStore(self.settings.storage_url, self.settings.storage_options)
+        self._store: BlobStore | None = None
         self._schema_ready = False
+
+    @property
+    def store(self) -> BlobStore:
+        """The artifact store, built on first use: metadata commands never import fsspec or touch storage."""
+        if self._store is None:
+            from registry.store import BlobStore
+            from registry.verified import VerifiedFiles
+
+            self._store = BlobStore(self.settings.storage_url, self.settings.storage_options,
+                                    progress=self._progress, verified=VerifiedFiles(self.settings.home / "verified"))
+        return self._store
+
+    @property
+    def cache(self) -> BlobCache:
+        """The local cache of remote artifacts (unused when storage is a local directory)."""
+        if self._cache is None:
+            from registry.cache import BlobCache
+
+            self._cache = BlobCache(self.settings.cache_dir, progress=self._progress)
+        return self._cache
 
     def close(self) -> None:
         """Release database connections."""
@@ -104,6 +141,8 @@ class Registry:
         description: str | None = None,
         tags: Mapping[str, str] | None = None,
         alias: str | None = None,
+        example_inputs: Any = None,
+        dynamic_shapes: Any = None,
     ) -> ModelVersion:
         """Store a model or a model file as the next version of ``name``.
 
@@ -111,11 +150,17 @@ class Registry:
             name: model name (letters, digits, ``.``, ``_``, ``-``; at most 128).
             source: a live ``nn.Module`` (default format ``state_dict`` with its spec captured),
                 or the path of a saved file (format detected from its bytes).
-            format: ``state_dict``, ``full`` or ``torchscript``; must agree with a file's bytes.
-            spec: architecture spec; required for a state_dict file, captured for live modules.
+            format: ``state_dict``, ``full``, ``torchscript``, ``export`` or ``safetensors``; must agree
+                with a file's bytes. A live ``ExportedProgram`` is pushed as ``export``.
+            spec: architecture spec; required for a state_dict or safetensors file, captured for live modules.
             description: free text shown by ``show``.
             tags: string key/value pairs.
             alias: promote the new version to this alias in the same transaction.
+            example_inputs: a tensor or a tuple of tensors. The version is loaded back and run on
+                them, and its signature is recorded: the inputs (a small blob beside the model) and
+                the outputs (see :meth:`check`). For ``format="export"`` also what the module is
+                traced with (required there).
+            dynamic_shapes: passed to ``torch.export.export`` (``export`` only).
 
         Returns:
             The new version's record.
@@ -123,6 +168,29 @@ class Registry:
         Raises:
             InvalidName, FormatError, SpecError, UntrustedTarget, UntrustedPickle, StorageError.
         """
+        return self._push(name, source, format=format, spec=spec, description=description, tags=tags,
+                          alias=alias, example_inputs=example_inputs, dynamic_shapes=dynamic_shapes)
+
+    def _push(
+        self,
+        name: str,
+        source: Any,
+        *,
+        format: Format | str | None,
+        spec: Mapping[str, Any] | None,
+        description: str | None,
+        tags: Mapping[str, str] | None,
+        alias: str | None,
+        example_inputs: Any,
+        dynamic_shapes: Any,
+        trace_inputs: Any = None,
+        lineage: str | None = None,
+        expected: ModelVersion | None = None,
+        rtol: float = 0.0,
+        atol: float = 0.0,
+    ) -> ModelVersion:
+        """:meth:`push`, plus what :meth:`convert` needs: the version it came from, whose signature
+        the new artifact must reproduce (``expected``), and separate inputs to trace an export with."""
         name = validate_name(name)
         if alias is not None:
             validate_name(alias, kind="alias")
@@ -132,16 +200,28 @@ class Registry:
             raise SpecError("description must be a string")
         from registry.sources import FileSource, ModuleSource
 
+        inputs = None
+        if example_inputs is not None:
+            from registry import signature
+
+            inputs = signature.as_inputs(example_inputs)
         if isinstance(source, (str, os.PathLike)):
             stager: FileSource | ModuleSource = FileSource(Path(source), self.store)
         else:
-            stager = ModuleSource(source, self.store)
+            trace = trace_inputs if trace_inputs is not None else inputs
+            stager = ModuleSource(source, self.store, example_inputs=trace, dynamic_shapes=dynamic_shapes)
         with stager:
             fmt, spec_dict, detected = stager.prepare(fmt, spec, self.settings.trusted_modules)
+            recorded: tuple[dict[str, Any], bytes] | None = None
+            if inputs is not None:
+                recorded = self._record_signature(name, stager.artifact_path, fmt, spec_dict, inputs,
+                                                  expected=expected, rtol=rtol, atol=atol)
             for _ in range(PUSH_ATTEMPTS):
                 blob = stager.store()
+                _testhooks.pause("uploaded")
                 record = self._commit_version(
-                    name, blob, fmt, spec_dict, detected.globals_, description, tag_map, alias
+                    name, blob, fmt, spec_dict, detected.globals_, description, tag_map, alias,
+                    signature=recorded, source=lineage,
                 )
                 if record is not None:
                     return record
@@ -161,12 +241,25 @@ class Registry:
         description: str | None,
         tags: dict[str, str],
         alias: str | None,
+        *,
+        signature: tuple[dict[str, Any], bytes] | None = None,
+        source: str | None = None,
     ) -> ModelVersion | None:
         """Insert the version row; None if the blob vanished meanwhile (a racing delete)."""
         now = _now()
         with self._session(write=True) as s:
+            example_sha = None
+            if signature is not None:
+                # Under the lock gc and delete take: once stored here, the example blob stays.
+                example_sha = signature[0]["example"]["sha256"]
+                queries.lock_blob(s, example_sha)
+                if not self.store.exists(example_sha):
+                    self._put_bytes(signature[1])
             queries.lock_blob(s, blob.sha256)
-            if not blob.written and not self.store.exists(blob.sha256):
+            # Checked even for a blob this push just wrote: a `gc --grace 0` may have removed it as an
+            # orphan before we took the lock. Under the lock, gc re-checks for our row, so once we see
+            # the blob here it stays until we commit (or roll back).
+            if not self.store.exists(blob.sha256):
                 s.rollback()
                 return None
             model_id, number = queries.next_version(s, name, now)
@@ -174,13 +267,16 @@ class Registry:
                 model_id=model_id, version=number, format=fmt, sha256=blob.sha256, size=blob.size,
                 spec=spec, pickle_globals=list(globals_), description=description, tags=tags,
                 created_at=now, created_by=self.settings.user, torch_version=_torch_version(),
-                python_version=platform.python_version(), source=None,
+                python_version=platform.python_version(), source=source,
+                signature=signature[0] if signature else None, example_sha256=example_sha,
             )
             s.add(row)
             s.flush()
             if alias is not None:
                 self._move_alias(s, model_id, name, alias, row, reason="pushed with --alias", expect=ANY)
-            return queries.record(s, row, name)
+            record = queries.record(s, row, name)
+            _testhooks.pause("before_commit")
+            return record
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -197,13 +293,13 @@ class Registry:
     def models(self) -> list[ModelSummary]:
         """Every model with its latest version and aliases, by name."""
         with self._session() as s:
-            stats = (
-                select(Version.model_id, func.max(Version.version), func.count())
-                .group_by(Version.model_id).subquery()
-            )
+            # Per model, through the (model_id, version) index: max() is one seek and count() reads only
+            # that model's index entries. Columns, not ORM entities: 10,000 Model objects cost more than the SQL.
+            mine = Version.model_id == Model.id
+            latest = select(func.max(Version.version)).where(mine).scalar_subquery()
+            count = select(func.count()).select_from(Version).where(mine).scalar_subquery()
             rows = s.execute(
-                select(Model, stats.c[1], stats.c[2])
-                .outerjoin(stats, stats.c.model_id == Model.id).order_by(Model.name)
+                select(Model.id, Model.name, Model.created_at, latest, count).order_by(Model.name)
             ).all()
             aliases: dict[int, dict[str, int]] = {}
             for model_id, alias_name, number in s.execute(
@@ -211,8 +307,8 @@ class Registry:
             ):
                 aliases.setdefault(model_id, {})[alias_name] = number
             return [
-                ModelSummary(m.name, latest, count or 0, aliases.get(m.id, {}), queries.aware(m.created_at))
-                for m, latest, count in rows
+                ModelSummary(name, latest, count or 0, aliases.get(model_id, {}), queries.aware(created))
+                for model_id, name, created, latest, count in rows
             ]
 
     def versions(self, name: str, *, limit: int | None = None, before: int | None = None) -> list[ModelVersion]:
@@ -267,6 +363,11 @@ class Registry:
             target = target / default_name
         if target.exists() and not force:
             raise AlreadyExists(f"{target} already exists; use --force to overwrite it")
+        if not target.parent.is_dir():
+            raise StorageError(f"cannot write {target}: {target.parent} is not a directory", url=str(target.parent))
+        if not self.store.local:
+            return self.cache.copy_to(self.store, mv.sha256, mv.size, target, artifact=mv.ref, name=mv.name,
+                                      overwrite=force)
         return self.store.copy_to(mv.sha256, target, artifact=mv.ref, name=mv.name, overwrite=force)
 
     def load(
@@ -280,6 +381,9 @@ class Registry:
     ) -> torch.nn.Module:
         """Load a version as an ``nn.Module`` in eval() mode, after verifying its bytes.
 
+        An ``export`` version loads as ``ExportedProgram.module()``, which refuses ``.eval()`` and
+        ``.train()``: it keeps the mode it was exported in (the registry exports in eval mode).
+
         Args:
             map_location: device for the weights (default CPU).
             trust_pickle: allow a whole-model pickle that references untrusted classes to run
@@ -291,11 +395,35 @@ class Registry:
         from registry import formats
 
         mv = self.get(ref, version=version, alias=alias)
-        path = self.store.local_path(mv.sha256, mv.size, artifact=mv.ref, name=mv.name)
+        if self.store.local:
+            path = self.store.local_path(mv.sha256, mv.size, artifact=mv.ref, name=mv.name)
+        else:
+            path = self.cache.path(self.store, mv.sha256, mv.size, artifact=mv.ref, name=mv.name)
         return formats.load(
             path, mv.format, spec=mv.spec, trusted=self.settings.trusted_modules,
             map_location=map_location, trust_pickle=trust_pickle, artifact=mv.ref,
         )
+
+    def describe(
+        self,
+        ref: str,
+        *,
+        version: int | None = None,
+        alias: str | None = None,
+        map_location: str | None = None,
+        trust_pickle: bool = False,
+    ) -> dict[str, Any]:
+        """Load a version and summarise the module: class, parameter count and bytes, dtypes, device."""
+        mv = self.get(ref, version=version, alias=alias)
+        module = self.load(mv.ref, map_location=map_location, trust_pickle=trust_pickle)
+        params = list(module.parameters())
+        return {
+            "ref": mv.ref, "format": mv.format.value, "class": type(module).__qualname__,
+            "parameters": sum(p.numel() for p in params),
+            "parameter_bytes": sum(p.numel() * p.element_size() for p in params),
+            "dtypes": ", ".join(sorted({str(p.dtype).removeprefix("torch.") for p in params})) or "-",
+            "device": ", ".join(sorted({str(p.device) for p in params})) or "-",
+        }
 
     # -- aliases ------------------------------------------------------------------------------
 
@@ -399,13 +527,16 @@ class Registry:
                             f"version {row.version} deleted")
             s.delete(row)
         self._remove_blob_if_unused(record.sha256)
+        if record.example_sha256 is not None:
+            self._remove_blob_if_unused(record.example_sha256)
         return record
 
     def _remove_blob_if_unused(self, sha256: str) -> bool:
         """Delete a blob no version references, holding the lock a push takes before committing."""
         with self._session(write=True) as s:
             queries.lock_blob(s, sha256)
-            if s.scalar(select(Version.id).where(Version.sha256 == sha256).limit(1)) is not None:
+            users = select(Version.id).where(or_(Version.sha256 == sha256, Version.example_sha256 == sha256))
+            if s.scalar(users.limit(1)) is not None:
                 return False
             self.store.delete(sha256)
             return True
@@ -413,6 +544,8 @@ class Registry:
     def gc(self, *, grace: timedelta = DEFAULT_GRACE, dry_run: bool = False) -> list[Garbage]:
         """Remove blobs no version uses, and what killed pushes left behind, older than ``grace``.
 
+        What killed pushes leave: staging files (local storage) and incomplete multipart uploads
+        under the registry's prefix (S3), which S3 keeps and bills until they are aborted.
         The grace period protects pushes in progress: their blob is written before their version
         row. A blob is removed only after re-checking, under the lock a committing push takes,
         that no version references it.
@@ -424,6 +557,7 @@ class Registry:
         now = _now().timestamp()
         with self._session() as s:
             used = set(s.scalars(select(Version.sha256).distinct()))
+            used |= set(s.scalars(select(Version.example_sha256).where(Version.example_sha256.is_not(None)).distinct()))
         found: list[Garbage] = []
         for blob in self.store.iter_blobs():
             if blob.sha256 not in used and blob.mtime <= cutoff:
@@ -434,25 +568,254 @@ class Registry:
                 if not dry_run:
                     self.store.delete_partial(part.sha256)
                 found.append(Garbage("partial", part.sha256, part.size, now - part.mtime))
+        for upload in self.store.iter_uploads():  # S3 keeps (and bills) incomplete multipart uploads
+            if upload.initiated <= cutoff:
+                if not dry_run:
+                    self.store.abort_upload(upload)
+                key = f"{self.store.relative(upload.key)}?uploadId={upload.upload_id}"
+                found.append(Garbage("upload", key, upload.size, now - upload.initiated))
         return found
 
     def verify(self, name: str | None = None) -> list[Problem]:
         """Re-hash every stored artifact (of ``name``, or all); returns what is missing or corrupt."""
-        query = select(Model.name, Version.version, Version.sha256, Version.size).join(Model)
+        return list(self.iter_problems(name))
+
+    def iter_problems(self, name: str | None = None) -> Iterator[Problem]:
+        """:meth:`verify`, streamed: yields each problem as it is found, in bounded memory.
+
+        Versions are read in pages of :data:`VERIFY_PAGE` ordered by blob, each page in its own short
+        read transaction (no cursor or snapshot held open while blobs are hashed, which would pin
+        SQLite's WAL or PostgreSQL's vacuum horizon for the whole run). Versions sharing a blob are
+        adjacent, so each blob is hashed once while only the last result is remembered.
+
+        Raises:
+            NotFound: ``name`` is given and no such model exists.
+        """
+        query = select(Version.id, Model.name, Version.version, Version.sha256, Version.size).join(Model)
         if name is not None:
             with self._session() as s:
                 query = query.where(Version.model_id == queries.get_model(s, validate_name(name)).id)
-        problems: list[Problem] = []
-        checked: dict[tuple[str, int], tuple[str, str] | None] = {}
-        with self._session() as s:
-            for model_name, number, sha, size in s.execute(query.order_by(Model.name, Version.version)):
-                key = (sha, size)
-                if key not in checked:
-                    checked[key] = self.store.check(sha, size)
-                found = checked[key]
+        last: tuple[str, int] | None = None
+        found: tuple[str, str] | None = None
+        after: tuple[str, int] | None = None
+        while True:
+            page = query.order_by(Version.sha256, Version.id).limit(VERIFY_PAGE)
+            if after is not None:
+                page = page.where(or_(Version.sha256 > after[0],
+                                      and_(Version.sha256 == after[0], Version.id > after[1])))
+            with self._session() as s:
+                rows = s.execute(page).all()
+            for row_id, model_name, number, sha, size in rows:
+                if (sha, size) != last:
+                    last, found = (sha, size), self.store.check(sha, size)
                 if found is not None:
-                    problems.append(Problem(model_name, number, sha, found[0], found[1]))
-        return problems
+                    yield Problem(model_name, number, sha, found[0], found[1])
+                after = (sha, row_id)
+            if len(rows) < VERIFY_PAGE:
+                return
+
+    # -- the local cache of remote artifacts ---------------------------------------------------
+
+    def cache_info(self) -> CacheInfo:
+        """Where the local cache of remote artifacts is, how many blobs it holds and their bytes."""
+        return self.cache.info()
+
+    def clear_cache(self) -> CacheInfo:
+        """Empty the local cache; later loads download again. Returns what was removed."""
+        return self.cache.clear()
+
+    # -- behaviour: signatures, conversion, diff ----------------------------------------------
+
+    def example_inputs(
+        self, ref: str, *, version: int | None = None, alias: str | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """The example inputs recorded with a version (verified, loaded with ``weights_only=True``).
+
+        Raises:
+            NotFound, FormatError (no signature recorded), IntegrityError, StorageError.
+        """
+        from registry import signature
+
+        mv = self.get(ref, version=version, alias=alias)
+        if mv.example_sha256 is None or mv.signature is None:
+            raise FormatError(f"{mv.ref} has no recorded signature; push it with --example FILE "
+                              "(example_inputs=) to record one")
+        size = int(mv.signature["example"]["size"])
+        path = self._blob_path(mv.example_sha256, size, artifact=f"the example inputs of {mv.ref}", name=mv.name)
+        return signature.load_example(path.read_bytes(), what=mv.ref)
+
+    def check(
+        self,
+        ref: str,
+        *,
+        version: int | None = None,
+        alias: str | None = None,
+        rtol: float | None = None,
+        atol: float | None = None,
+        trust_pickle: bool = False,
+    ) -> CheckReport:
+        """Load a version, run its recorded example inputs and compare with the recorded outputs.
+
+        Args:
+            rtol, atol: tolerance, elementwise ``|now - recorded| <= atol + rtol * |recorded|``
+                (defaults :data:`registry.signature.DEFAULT_RTOL` / ``DEFAULT_ATOL``).
+
+        Returns:
+            The report; ``report.ok`` is False and ``report.drifted`` names the outputs that changed.
+
+        Raises:
+            NotFound, FormatError (no signature, or the model fails on its example), and what
+            :meth:`load` raises.
+        """
+        from registry import signature
+
+        rtol = signature.DEFAULT_RTOL if rtol is None else rtol
+        atol = signature.DEFAULT_ATOL if atol is None else atol
+        mv = self.get(ref, version=version, alias=alias)
+        inputs = self.example_inputs(mv.ref)
+        assert mv.signature is not None  # example_inputs() raised otherwise
+        module = self.load(mv.ref, trust_pickle=trust_pickle)
+        outputs = signature.run(module, inputs, what=mv.ref)
+        return signature.compare(mv.ref, mv.signature, outputs, rtol=rtol, atol=atol)
+
+    def convert(
+        self,
+        ref: str,
+        to: Format | str,
+        *,
+        version: int | None = None,
+        alias: str | None = None,
+        example_inputs: Any = None,
+        spec: Mapping[str, Any] | None = None,
+        rtol: float | None = None,
+        atol: float | None = None,
+        trust_pickle: bool = False,
+        description: str | None = None,
+    ) -> ModelVersion:
+        """Load a version, write it in another format and push that as the next version of the model.
+
+        The new version's ``source`` is the version it came from. When that version has a signature,
+        the converted artifact is loaded back and run on the recorded example inputs before anything
+        is stored, and its outputs must match (within ``rtol``/``atol``); the new version records the
+        same example inputs.
+
+        Args:
+            to: ``state_dict``, ``safetensors``, ``torchscript`` or ``export``.
+            example_inputs: inputs to trace an ``export`` with (default: the recorded ones).
+            spec: architecture spec for a ``state_dict``/``safetensors`` target when the source records
+                none (``torchscript``, ``export``).
+
+        Raises:
+            FormatError: unknown or same target, no example inputs for ``export``, PyTorch cannot do
+                the conversion (its reason), or the outputs changed. Nothing is pushed then.
+            SpecError, UntrustedPickle, and what :meth:`load` raises.
+        """
+        from registry import convert as conversions
+        from registry import signature
+
+        rtol = signature.DEFAULT_RTOL if rtol is None else rtol
+        atol = signature.DEFAULT_ATOL if atol is None else atol
+        mv = self.get(ref, version=version, alias=alias)
+        target = conversions.check_target(mv, _format(to))
+        given = signature.as_inputs(example_inputs) if example_inputs is not None else None
+        recorded = self.example_inputs(mv.ref) if mv.example_sha256 is not None else None
+        trace = given if given is not None else recorded
+        if target is Format.EXPORT and trace is None:
+            raise conversions.missing_example(mv)
+        new_spec = conversions.spec_for(mv, target, spec)
+        module = self.load(mv.ref, trust_pickle=trust_pickle)
+        return self._push(
+            mv.name, module, format=target, spec=new_spec, description=description, tags=None, alias=None,
+            example_inputs=recorded if recorded is not None else given, dynamic_shapes=None,
+            trace_inputs=trace, lineage=mv.ref, expected=mv if recorded is not None else None,
+            rtol=rtol, atol=atol,
+        )
+
+    def diff(self, ref_a: str, ref_b: str, *, trust_pickle: bool = False) -> DiffReport:
+        """Compare the parameters of two versions (any formats) through memory maps, one tensor pair at a time.
+
+        Returns:
+            Spec differences, tensors added/removed/changed in shape or dtype, and the largest absolute
+            difference of each tensor whose values differ.
+
+        Raises:
+            NotFound, and what :meth:`load` raises for formats without a mappable tensor file.
+        """
+        import tempfile
+
+        from registry import diff as differ
+
+        a, b = self.get(ref_a), self.get(ref_b)
+        with tempfile.TemporaryDirectory(prefix="registry-diff-") as tmp:
+            side_a = self._diff_side(a, Path(tmp) / "a.safetensors", trust_pickle)
+            side_b = self._diff_side(b, Path(tmp) / "b.safetensors", trust_pickle)
+            return differ.compare(side_a, side_b, trusted=self.settings.trusted_modules)
+
+    def _diff_side(self, mv: ModelVersion, scratch: Path, trust_pickle: bool) -> DiffSide:
+        from registry import diff as differ
+
+        if mv.format in (Format.STATE_DICT, Format.SAFETENSORS):
+            path = self._blob_path(mv.sha256, mv.size, artifact=mv.ref, name=mv.name)
+            return differ.Side(mv.ref, path, mv.format, mv.spec)
+        # No mappable tensor file: load this one model alone, write its tensors out, let it go.
+        module = self.load(mv.ref, trust_pickle=trust_pickle)
+        spec = mv.spec
+        if mv.format is Format.FULL:
+            from registry import spec as spec_mod
+
+            try:
+                spec = spec_mod.capture(module)
+            except SpecError:
+                spec = None
+        differ.materialize(module, scratch)
+        del module
+        return differ.Side(mv.ref, scratch, Format.SAFETENSORS, spec)
+
+    def _record_signature(
+        self, name: str, path: Path, fmt: Format, spec: Mapping[str, Any] | None, inputs: tuple[torch.Tensor, ...],
+        *, expected: ModelVersion | None, rtol: float, atol: float,
+    ) -> tuple[dict[str, Any], bytes]:
+        """Load the artifact about to be pushed, run the example, and describe it (plus the example's bytes)."""
+        import hashlib
+
+        from registry import formats, signature
+
+        what = f"the new version of {name}"
+        module = formats.load(path, fmt, spec=spec, trusted=self.settings.trusted_modules, artifact=what)
+        outputs = signature.run(module, inputs, what=what)
+        if expected is not None and expected.signature is not None:
+            report = signature.compare(expected.ref, expected.signature, outputs, rtol=rtol, atol=atol)
+            if not report.ok:
+                bad = "; ".join(f"{o.path}: {o.detail}" for o in report.outputs if not o.ok)
+                raise FormatError(f"the {fmt.value} conversion of {expected.ref} does not reproduce its "
+                                  f"signature (rtol {rtol:g}, atol {atol:g}): {bad}; nothing was pushed")
+        recorded = signature.record(inputs, outputs)
+        data = signature.example_bytes(inputs)
+        recorded["example"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        return recorded, data
+
+    def _put_bytes(self, data: bytes) -> Blob:
+        """Store a small blob held in memory (example inputs)."""
+        import tempfile
+        import uuid
+
+        if self.store.local:
+            staged = self.store.tmp_dir() / f"{uuid.uuid4().hex}.part"
+            try:
+                staged.write_bytes(data)
+                return self.store.adopt(staged)
+            finally:
+                staged.unlink(missing_ok=True)
+        with tempfile.TemporaryDirectory(prefix="registry-") as tmp:
+            path = Path(tmp) / "blob"
+            path.write_bytes(data)
+            return self.store.put_file(path)
+
+    def _blob_path(self, sha256: str, size: int, *, artifact: str, name: str | None) -> Path:
+        """A local file with the verified bytes of a blob (the cache's copy for remote storage)."""
+        if self.store.local:
+            return self.store.local_path(sha256, size, artifact=artifact, name=name)
+        return self.cache.path(self.store, sha256, size, artifact=artifact, name=name)
 
     # -- plumbing -----------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import pickle
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -37,8 +38,19 @@ def quiet_torchscript() -> Iterator[None]:
         yield
 
 
-def save(model: torch.nn.Module, fmt: Format, path: Path) -> None:
-    """Serialise a live module in ``fmt`` to ``path`` (pushes from Python).
+def save(
+    model: Any,
+    fmt: Format,
+    path: Path,
+    *,
+    example_inputs: tuple[torch.Tensor, ...] | None = None,
+    dynamic_shapes: Any = None,
+) -> None:
+    """Serialise a live module (or, for ``export``, an ExportedProgram) in ``fmt`` to ``path``.
+
+    Args:
+        example_inputs: what ``torch.export.export`` traces the module with (``export`` only).
+        dynamic_shapes: passed to ``torch.export.export``.
 
     Raises:
         FormatError: the module cannot be written in that format (PyTorch's reason, one line).
@@ -54,6 +66,14 @@ def save(model: torch.nn.Module, fmt: Format, path: Path) -> None:
             with quiet_torchscript():
                 scripted = model if isinstance(model, torch.jit.ScriptModule) else torch.jit.script(model)
                 scripted.save(str(path))
+        elif fmt is Format.EXPORT:
+            from registry import exporting
+
+            exporting.save(model, path, example_inputs, dynamic_shapes)
+        elif fmt is Format.SAFETENSORS:
+            from registry import weights
+
+            weights.save(model, path)
         else:
             raise FormatError(f"pushing a live model as {fmt.value!r} is not supported")
     except FormatError:
@@ -71,6 +91,15 @@ def meta_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except Exception as e:
         raise FormatError(f"{path.name} is not a loadable state_dict: {_one_line(e)}") from e
     return _as_state_dict(obj, path.name)
+
+
+def meta_tensors(path: Path, fmt: Format) -> dict[str, torch.Tensor]:
+    """Names, shapes and dtypes of the tensors of a state_dict or safetensors file, as meta tensors."""
+    if fmt is Format.SAFETENSORS:
+        from registry import weights
+
+        return weights.meta_tensors(path)
+    return meta_state_dict(path)
 
 
 def load(
@@ -92,10 +121,28 @@ def load(
     import torch
 
     location = map_location if map_location is not None else "cpu"
+    if fmt is Format.EXPORT:
+        from registry import exporting
+
+        # ExportedProgram.module() refuses .eval() and .train() (NotImplementedError in torch 2.13):
+        # its train/eval behaviour was fixed when the program was exported.
+        return exporting.load(path, map_location=map_location, artifact=artifact)
+    if fmt is Format.SAFETENSORS:
+        from registry import weights
+
+        if spec is None:
+            raise FormatError(f"{artifact} is a safetensors file without an architecture spec")
+        return weights.load(path, spec, trusted, device=map_location, artifact=artifact)
     if fmt is Format.STATE_DICT:
         if spec is None:
             raise FormatError(f"{artifact} is a state_dict without an architecture spec")
-        obj = torch.load(path, map_location=location, weights_only=True, mmap=True)
+        try:
+            obj = torch.load(path, map_location=location, weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:  # weights_only refused a global: name it, never retry unsafely
+            raise UntrustedPickle(f"{artifact} is a state_dict whose pickle", _unsafe_globals(path),
+                                  hint="a state_dict holds only tensors; push it again from a trusted copy") from e
+        except Exception as e:
+            raise FormatError(f"cannot load {artifact}: {_one_line(e)}") from e
         module = spec_mod.build_with_weights(
             spec, _as_state_dict(obj, artifact), trusted, device=map_location
         )
@@ -177,6 +224,15 @@ def _as_state_dict(obj: object, what: str) -> dict[str, torch.Tensor]:
     ):
         raise FormatError(f"{what} is not a state_dict (a mapping of names to tensors)")
     return dict(obj)
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    import torch
+
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path) or ["an unknown global"]
+    except Exception:  # the opcode walk failed too: still refuse, just without the names
+        return ["an unknown global"]
 
 
 def _one_line(e: BaseException) -> str:

@@ -76,6 +76,8 @@ class Version(Base):
     torch_version: Mapped[str | None] = mapped_column(String(64))
     python_version: Mapped[str | None] = mapped_column(String(64))
     source: Mapped[str | None] = mapped_column(String(160))
+    signature: Mapped[dict[str, Any] | None]
+    example_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
 class Alias(Base):

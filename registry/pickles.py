@@ -135,6 +135,15 @@ def dangerous(globals_: Iterable[Global]) -> list[str]:
     return sorted({global_name(g) for g in globals_ if _is_dangerous(g)})
 
 
+def outside_weights_only(names: Iterable[str]) -> list[str]:
+    """Sorted names among ``names`` (as in :attr:`Detected.globals_`) beyond tensors and plain containers.
+
+    That is everything torch's ``weights_only`` unpickler would not accept by default; loaders that
+    unpickle without ``weights_only`` (``torch.export.load``) may be given only pickles where this is empty.
+    """
+    return sorted({n for n in names if n not in _STATE_DICT_GLOBALS})
+
+
 @dataclass(frozen=True, slots=True)
 class Detected:
     """What :func:`detect` found in a model file."""

@@ -41,6 +41,10 @@ class ModelVersion:
     torch_version: str | None = None
     python_version: str | None = None
     source: str | None = None
+    #: Example inputs and the outputs they gave when pushed (see :mod:`registry.signature`).
+    signature: dict[str, Any] | None = None
+    #: sha256 of the blob holding the example inputs (a torch.save-d tuple of tensors).
+    example_sha256: str | None = None
 
     @property
     def ref(self) -> str:
@@ -117,10 +121,22 @@ class Problem:
 class Garbage:
     """Something ``gc`` removed (or, with ``dry_run``, would remove)."""
 
-    kind: str  # "blob" (no version uses it) | "partial" (a staging file or upload a killed push left)
+    kind: str  # "blob" (no version uses it) | "partial" (a staging file a killed push left) | "upload" (S3 multipart)
     key: str
     size: int
     age_seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheInfo:
+    """The local cache of remote artifacts: where it is, how many blobs, how many bytes."""
+
+    path: str
+    blobs: int
+    bytes: int
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

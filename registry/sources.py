@@ -41,18 +41,25 @@ class FileSource:
     def store(self) -> Blob:
         return self._store.put_file(self.path)
 
+    @property
+    def artifact_path(self) -> Path:
+        """The local file holding the artifact's bytes (for recording a signature)."""
+        return self.path
+
 
 class ModuleSource:
     """A live ``nn.Module``, serialised once into the store's staging area."""
 
-    def __init__(self, module: torch.nn.Module, store: BlobStore) -> None:
+    def __init__(self, module: torch.nn.Module, store: BlobStore, *,
+                 example_inputs: tuple[torch.Tensor, ...] | None = None, dynamic_shapes: Any = None) -> None:
         import torch
 
-        if not isinstance(module, torch.nn.Module):
+        if not isinstance(module, (torch.nn.Module, torch.export.ExportedProgram)):
             raise FormatError(
                 f"cannot push a {type(module).__name__}: pass an nn.Module or the path of a saved model file"
             )
         self.module, self._store = module, store
+        self._export_args = {"example_inputs": example_inputs, "dynamic_shapes": dynamic_shapes}
         self._dir = store.tmp_dir() if store.local else Path(tempfile.mkdtemp(prefix="registry-"))
         self._staged = self._dir / f"{uuid.uuid4().hex}.part"
         self._format: Format = Format.STATE_DICT
@@ -72,20 +79,29 @@ class ModuleSource:
         from registry import formats
         from registry import spec as spec_mod
 
+        if isinstance(self.module, torch.export.ExportedProgram):
+            if declared not in (None, Format.EXPORT):
+                raise FormatError(f"an ExportedProgram can only be pushed as export, not {declared.value}")
+            declared = Format.EXPORT
         if declared is None:
             declared = Format.TORCHSCRIPT if isinstance(self.module, torch.jit.ScriptModule) else Format.STATE_DICT
         if declared in SPEC_FORMATS and spec is None:
             spec = spec_mod.capture(self.module)
         self._format = declared
-        formats.save(self.module, declared, self._staged)
+        formats.save(self.module, declared, self._staged, **self._export_args)
         return check(self._staged, declared, spec, trusted, module=self.module)
 
     def store(self) -> Blob:
         from registry import formats
 
         if not self._staged.exists():  # consumed by an earlier attempt's rename
-            formats.save(self.module, self._format, self._staged)
+            formats.save(self.module, self._format, self._staged, **self._export_args)
         return self._store.adopt(self._staged)
+
+    @property
+    def artifact_path(self) -> Path:
+        """The staged file holding the artifact's bytes (for recording a signature)."""
+        return self._staged
 
 
 def check(path: Path, declared: Format | None, spec: Mapping[str, Any] | None,
@@ -107,6 +123,10 @@ def check(path: Path, declared: Format | None, spec: Mapping[str, Any] | None,
     if bad:
         raise UntrustedPickle(f"{path.name} is refused: its pickle", bad,
                               hint="no model needs these; it would run code when loaded")
+    if detected.format is Format.EXPORT:
+        from registry import pt2
+
+        pt2.vet(path, label=path.name, detected=detected)
     checked: dict[str, Any] | None = None
     if spec is not None:
         from registry import spec as spec_mod
@@ -126,7 +146,13 @@ def _check_weights(path: Path, fmt: Format, spec: dict[str, Any], trusted: Seque
     from registry import formats
     from registry import spec as spec_mod
 
-    if fmt is not Format.STATE_DICT:
-        raise FormatError(f"pushing {fmt.value} files is not supported by this version")
-    tensors = formats.meta_state_dict(path)
-    spec_mod.check_state_dict(spec_mod.skeleton(spec, trusted), tensors)
+    tensors = formats.meta_tensors(path, fmt)
+    skeleton = spec_mod.skeleton(spec, trusted)
+    if fmt is Format.SAFETENSORS:
+        from registry import weights
+
+        # Tied tensors are stored once under one of their names; the architecture says which.
+        groups = weights.tie_groups(skeleton)
+        weights.check_ties(path, groups, what=path.name)
+        tensors = weights.expand_ties(tensors, groups, what=path.name)
+    spec_mod.check_state_dict(skeleton, tensors)

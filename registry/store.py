@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import uuid
@@ -9,21 +10,39 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from registry import _testhooks, remote
 from registry.config import redact
 from registry.errors import ConfigError, IntegrityError, StorageError
+
+if TYPE_CHECKING:
+    from registry.verified import VerifiedFiles
 
 BLOB_PREFIX = "blobs/sha256"
 TMP_PREFIX = "tmp"
 CHUNK = 4 * 1024 * 1024
+#: Local writes start writeback every this many bytes (see ``_WriteBehind``).
+WRITEBACK_WINDOW = 64 * 1024 * 1024
 SHA256_HEX = frozenset("0123456789abcdef")
 
 #: Called with the number of bytes just transferred (progress bars).
 Progress = Callable[[int], None]
+
+
+class ProgressBar(Protocol):
+    """What a progress factory returns (a ``tqdm`` bar is one)."""
+
+    def update(self, n: int) -> object: ...
+
+    def close(self) -> object: ...
+
+
+#: ``factory(description, total_bytes)``: a bar for one transfer. The library never draws one itself.
+ProgressFactory = Callable[[str, int], ProgressBar]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,15 +64,25 @@ class BlobInfo:
 class BlobStore:
     """Blobs keyed by sha256 under ``<root>/blobs/sha256/ab/abcdef…``, over any fsspec filesystem."""
 
-    def __init__(self, url: str, options: dict[str, Any] | None = None) -> None:
+    def __init__(self, url: str, options: dict[str, Any] | None = None, *,
+                 progress: ProgressFactory | None = None, verified: VerifiedFiles | None = None) -> None:
         self.url = url
         self.display_url = redact(url)
+        self.progress = progress
+        #: Hashes of local blob files already verified on this machine (None: re-hash on every read).
+        self.verified = verified
+        #: Upload parts are at least this large (tests lower it to S3's 5 MiB minimum).
+        self.part_size = remote.PART_SIZE
+        self._secrets = remote.secrets(options or {})
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(url, **(options or {}))
+            self.fs, self.root = fsspec.core.url_to_fs(url, **remote.storage_options(url, options or {}))
         except (ValueError, ImportError, TypeError) as e:
-            raise ConfigError(f"cannot use storage {self.display_url!r}: {e}") from e
+            hint = "; install it with pip install 'model-registry[s3]'" if isinstance(e, ImportError) else ""
+            raise ConfigError(f"cannot use storage {self.display_url!r}: "
+                              f"{remote.scrub(str(e), self._secrets)}{hint}") from e
         self.root = self.root.rstrip("/")
         self.local = isinstance(self.fs, LocalFileSystem)
+        self._foreign_errors = remote.transport_errors(self.fs.protocol)
 
     # -- keys ---------------------------------------------------------------------------------
 
@@ -73,30 +102,62 @@ class BlobStore:
     # -- writing ------------------------------------------------------------------------------
 
     def put_file(self, source: Path, *, progress: Progress | None = None) -> Blob:
-        """Store the bytes of ``source``, reading it once; returns where they are.
+        """Store the bytes of ``source``; returns where they are.
 
-        Local storage hashes while copying into a temporary file, fsyncs it and renames it into
-        place. Remote storage hashes first, then uploads straight to the final key (a PUT is atomic),
-        skipping the upload when an object of that key and size already exists.
+        Local storage reads it once, hashing while copying into a temporary file, fsyncs it and
+        renames it into place. Remote storage hashes first, then uploads straight to the final key
+        (S3 has no rename; an object appears only once its upload completes), skipping the upload
+        when an object of that key and size already exists.
         """
         if self.local:
             with self._errors("write"):
                 tmp = self.tmp_dir() / f"{uuid.uuid4().hex}.part"
                 try:
-                    with open(source, "rb") as src, open(tmp, "wb") as dst:
-                        digest, size = _copy_hashing(src, dst, progress)
+                    with open(source, "rb") as src, open(tmp, "wb") as dst, \
+                            self._bar(f"store {source.name}", os.fstat(src.fileno()).st_size, progress) as tick:
+                        digest, size = _copy_hashing(src, _WriteBehind(dst), tick)
                         dst.flush()
                         os.fsync(dst.fileno())
                     return self._commit_local(tmp, digest, size)
                 finally:
                     tmp.unlink(missing_ok=True)
-        digest, size = hash_file(source)
-        with self._errors("upload"):
+        with self._bar(f"hash {source.name}", source.stat().st_size) as tick:
+            digest, size = hash_file(source, tick)
+        with self._errors("upload to"):
             key = self.key(digest)
             if self._size(key) == size:
                 return Blob(digest, size, written=False)
-            self.fs.put_file(os.fspath(source), key)
+            with open(source, "rb") as src, self._bar(f"upload sha256:{digest[:12]}", size, progress) as tick:
+                self._upload(src, key, digest, size, tick)
         return Blob(digest, size, written=True)
+
+    def _upload(self, src: IO[bytes], key: str, digest: str, size: int, progress: Progress | None) -> None:
+        """Stream ``src`` to its final key: multipart in parts of bounded size (memory stays bounded).
+
+        On any failure, Ctrl-C included, the multipart upload is aborted, so S3 keeps (and bills)
+        nothing; uploads a SIGKILL leaves behind are aborted by ``registry gc``.
+        """
+        block = remote.part_size(size, self.part_size)
+        dst = self.fs.open(key, "wb", block_size=block)
+        sent = 0
+
+        def tick(n: int) -> None:
+            nonlocal sent
+            sent += n
+            if progress is not None:
+                progress(n)
+            if sent >= block:
+                _testhooks.pause("uploading")  # Ctrl-C/kill tests: a multipart upload is open
+
+        try:
+            actual, _ = _copy_hashing(src, dst, tick)
+            if actual != digest:  # the file changed after it was hashed: never complete the upload
+                raise StorageError(f"the file changed while it was being uploaded to {self.display_url}; "
+                                   "push it again", url=self.display_url)
+            dst.close()  # sends the last part and completes the upload (or PUTs a small file): atomic
+        except BaseException:
+            remote.discard(dst)
+            raise
 
     def adopt(self, staged: Path, *, progress: Progress | None = None) -> Blob:
         """Store a file this process wrote into :meth:`tmp_dir` (or anywhere, for remote storage).
@@ -128,8 +189,11 @@ class BlobStore:
             raise NotImplementedError("remote storage needs the cache")  # pragma: no cover
         path = Path(self.key(sha256))
         with self._errors("read", missing=artifact):
-            with open(path, "rb") as f:
-                actual, _ = _copy_hashing(f, None, None)
+            if self.verified is not None:  # skips the hash only for bytes provably unchanged since hashed here
+                actual = self.verified.sha256(path)
+            else:
+                with open(path, "rb") as f:
+                    actual, _ = _copy_hashing(f, None, None)
         if actual != sha256:
             raise IntegrityError(artifact, sha256, actual, name=name)
         return path
@@ -147,11 +211,15 @@ class BlobStore:
         """Write the blob to ``dest`` through a temporary file, verifying it, then rename into place."""
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
         try:
-            with self._errors("read", missing=artifact), self.fs.open(self.key(sha256), "rb") as src:
-                with open(tmp, "wb") as dst:
-                    actual, _ = _copy_hashing(src, dst, progress)
-                    dst.flush()
-                    os.fsync(dst.fileno())
+            if self.local:
+                with self._errors("read", missing=artifact):
+                    actual = self._copy_local(Path(self.key(sha256)), tmp, sha256, progress)
+            else:
+                with self._errors("read", missing=artifact), self.fs.open(self.key(sha256), "rb") as src:
+                    with open(tmp, "wb") as dst:
+                        actual, _ = _copy_hashing(src, dst, progress)
+                        dst.flush()
+                        os.fsync(dst.fileno())
             if actual != sha256:
                 raise IntegrityError(artifact, sha256, actual, name=name)
             if not overwrite and dest.exists():
@@ -162,6 +230,43 @@ class BlobStore:
         finally:
             tmp.unlink(missing_ok=True)
         return dest
+
+    def _copy_local(self, blob: Path, tmp: Path, sha256: str, progress: Progress | None) -> str:
+        """Copy a local blob into ``tmp`` (fsynced); returns the sha256 of what was copied.
+
+        A blob this machine has verified and that has not changed since is copied by the kernel
+        (``copy_file_range``: no pass through Python, a reflink where the filesystem can); any other is
+        hashed on the way, which also records it as verified.
+        """
+        with open(blob, "rb") as src, open(tmp, "wb") as dst:
+            before = os.fstat(src.fileno())
+            known = self.verified.lookup(blob, before) if self.verified is not None else None
+            if known == sha256 and _kernel_copy(src, dst, before.st_size, progress) \
+                    and os.fstat(src.fileno()).st_ctime_ns == before.st_ctime_ns:
+                actual = sha256
+            else:
+                src.seek(0)
+                dst.seek(0)
+                dst.truncate()
+                actual, _ = _copy_hashing(src, _WriteBehind(dst), progress)
+                if self.verified is not None:
+                    self.verified.remember(blob, actual, before)
+            dst.flush()
+            os.fsync(dst.fileno())
+        return actual
+
+    def download(self, sha256: str, size: int, dest: Path, *, artifact: str) -> str:
+        """Stream a blob into the new local file ``dest``, hashing it; returns the sha256 that arrived.
+
+        The caller compares it and renames ``dest`` into place (or removes it): see :mod:`registry.cache`.
+        """
+        with self._errors("read", missing=artifact), \
+                self.fs.open(self.key(sha256), "rb", block_size=self.part_size) as src, \
+                open(dest, "xb") as dst, self._bar(f"download {artifact}", size) as tick:
+            actual, _ = _copy_hashing(src, dst, tick)
+            dst.flush()
+            os.fsync(dst.fileno())
+        return actual
 
     def check(self, sha256: str, size: int) -> tuple[str, str] | None:
         """Re-hash one blob: None if intact, else ``(kind, detail)`` with kind missing/size/corrupt."""
@@ -184,6 +289,8 @@ class BlobStore:
 
     def delete(self, sha256: str) -> None:
         with self._errors("delete"):
+            if self.local and self.verified is not None:
+                self.verified.forget(self.key(sha256))
             try:
                 self.fs.rm_file(self.key(sha256))
             except FileNotFoundError:
@@ -193,6 +300,8 @@ class BlobStore:
         """Every blob in storage (streamed directory by directory)."""
         base = f"{self.root}/{BLOB_PREFIX}"
         with self._errors("list"):
+            if not self.local:
+                self.fs.invalidate_cache()  # listings cached earlier miss other processes' writes
             if not self.fs.exists(base):
                 return
             for prefix in sorted(self.fs.ls(base, detail=False)):
@@ -218,17 +327,52 @@ class BlobStore:
         with self._errors("delete"):
             (Path(self.root) / TMP_PREFIX / Path(name).name).unlink(missing_ok=True)
 
+    def iter_uploads(self) -> Iterator[remote.Upload]:
+        """Incomplete multipart uploads under this store's blob prefix (S3 only; none elsewhere)."""
+        if not remote.is_s3(self.fs.protocol):
+            return
+        with self._errors("list uploads in"):
+            yield from remote.list_uploads(self.fs, f"{self.root}/{BLOB_PREFIX}/")
+
+    def abort_upload(self, upload: remote.Upload) -> None:
+        with self._errors("abort an upload in"):
+            remote.abort_upload(self.fs, upload)
+
+    def relative(self, key: str) -> str:
+        """``key`` relative to the store's root, for messages."""
+        return key.removeprefix(f"{self.root}/")
+
     def _size(self, key: str) -> int | None:
+        if not self.local:
+            self.fs.invalidate_cache(key)  # a cached listing may predate another process's write or delete
         try:
             return int(self.fs.size(key))
         except FileNotFoundError:
             return None
 
     @contextmanager
+    def _bar(self, description: str, total: int, given: Progress | None = None) -> Iterator[Progress | None]:
+        """A progress callback for one transfer: the caller's, else one from the progress factory."""
+        if given is not None or self.progress is None:
+            yield given
+            return
+        bar = self.progress(description, total)
+
+        def tick(n: int) -> None:
+            bar.update(n)
+
+        try:
+            yield tick
+        finally:
+            bar.close()
+
+    @contextmanager
     def _errors(self, action: str, *, missing: str | None = None) -> Iterator[None]:
         """Translate storage failures (s3fs already maps boto errors to builtins) once, here."""
         try:
             yield
+        except StorageError:
+            raise
         except FileNotFoundError as e:
             if missing is not None:
                 raise StorageError(
@@ -236,11 +380,23 @@ class BlobStore:
                     f"run 'registry verify' to list damaged versions",
                     url=self.display_url,
                 ) from e
-            raise StorageError(f"cannot {action} storage {self.display_url}: {_reason(e)}",
+            raise StorageError(f"cannot {action} storage {self.display_url}: {self._reason(e)}",
+                               url=self.display_url) from e
+        except PermissionError as e:
+            raise StorageError(f"cannot {action} storage {self.display_url}: {self._reason(e)}; check the "
+                               "credentials (AWS_* variables, AWS_PROFILE or REGISTRY_STORAGE_OPTIONS)",
                                url=self.display_url) from e
         except OSError as e:
-            raise StorageError(f"cannot {action} storage {self.display_url}: {_reason(e)}",
+            raise StorageError(f"cannot {action} storage {self.display_url}: {self._reason(e)}",
                                url=self.display_url) from e
+        except self._foreign_errors as e:  # botocore: no endpoint, no credentials, ...
+            raise StorageError(f"cannot {action} storage {self.display_url}: {self._reason(e)}",
+                               url=self.display_url) from e
+
+    def _reason(self, e: BaseException) -> str:
+        """One line, credentials scrubbed: server messages may echo what they were sent."""
+        text = (e.strerror if isinstance(e, OSError) else None) or str(e) or type(e).__name__
+        return remote.scrub(text, self._secrets)
 
 
 def hash_file(path: Path, progress: Progress | None = None) -> tuple[str, int]:
@@ -249,7 +405,7 @@ def hash_file(path: Path, progress: Progress | None = None) -> tuple[str, int]:
         return _copy_hashing(f, None, progress)
 
 
-def _copy_hashing(src: IO[bytes], dst: IO[bytes] | None, progress: Progress | None) -> tuple[str, int]:
+def _copy_hashing(src: IO[bytes], dst: _Writable | None, progress: Progress | None) -> tuple[str, int]:
     digest = hashlib.sha256()
     size = 0
     buf = bytearray(CHUNK)
@@ -270,7 +426,61 @@ def _copy_hashing(src: IO[bytes], dst: IO[bytes] | None, progress: Progress | No
         size += n
         if progress is not None:
             progress(n)
+        if size == n:
+            _testhooks.pause("hashing")  # crash tests: mid-copy, with the staging file on disk
     return digest.hexdigest(), size
+
+
+class _Writable(Protocol):
+    def write(self, data: memoryview, /) -> int: ...
+
+
+class _WriteBehind:
+    """A local file being written that starts writeback of each window as soon as it is complete.
+
+    Without it every dirty page waits for the final fsync, which then stalls for the whole file;
+    with it the disk writes while the next windows are read and hashed, and the fsync waits only
+    for the last window. ``POSIX_FADV_DONTNEED`` on dirty pages starts their writeback (without
+    dropping them from the page cache until they are clean).
+    """
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.fd = f, f.fileno()
+        self.started = self.written = f.tell()
+
+    def write(self, chunk: bytes | memoryview) -> int:
+        n = self.f.write(chunk)
+        self.wrote(n)
+        return n
+
+    def wrote(self, n: int) -> None:
+        self.written += n
+        if self.written - self.started >= WRITEBACK_WINDOW and hasattr(os, "posix_fadvise"):
+            self.f.flush()
+            os.posix_fadvise(self.fd, self.started, self.written - self.started, os.POSIX_FADV_DONTNEED)
+            self.started = self.written
+
+
+def _kernel_copy(src: IO[bytes], dst: IO[bytes], size: int, progress: Progress | None) -> bool:
+    """Copy ``size`` bytes with ``copy_file_range``; False if the kernel cannot (the caller copies itself)."""
+    if not hasattr(os, "copy_file_range"):
+        return False
+    behind = _WriteBehind(dst)
+    done = 0
+    while done < size:
+        try:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), min(WRITEBACK_WINDOW, size - done))
+        except OSError as e:
+            if done == 0 and e.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                return False  # across filesystems, or not supported here
+            raise
+        if n == 0:
+            return False  # the file is shorter than it was: copy (and hash) it the slow way
+        done += n
+        behind.wrote(n)
+        if progress is not None:
+            progress(n)
+    return True
 
 
 def _fsync_dir(path: Path) -> None:
@@ -286,6 +496,3 @@ def _mtime(info: dict[str, Any]) -> float:
     value = info.get("mtime") or info.get("LastModified") or info.get("created") or 0
     return float(value.timestamp()) if hasattr(value, "timestamp") else float(value)
 
-
-def _reason(e: OSError) -> str:
-    return e.strerror or str(e) or type(e).__name__
