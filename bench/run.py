@@ -47,6 +47,7 @@ OUT = ROOT / "bench" / "out"
 DEFAULT_SIZES = "10M,200M,1G"
 GROUPS = ("push", "load", "pull", "diff", "meta", "scale")
 UNITS = {"K": 10**3, "M": 10**6, "G": 10**9}
+TARGET_SIZE = 10**9  # the issue states the push, load and pull targets for 1 GB
 MIB = 1024  # kB per MiB
 SCALE = ((100, 100), (100_000, 10_000))  # (versions of one model, models in all)
 
@@ -65,6 +66,7 @@ class Row:
     memory: list[dict[str, Any]] = field(default_factory=list)
     memory_limit_kb: int | None = None  # peak private memory allowed above the baseline
     notes: list[str] = field(default_factory=list)
+    stated: bool = True  # False: the target is stated for 1 GB; this smaller size is shown for information
 
     @property
     def median(self) -> float:
@@ -102,7 +104,8 @@ class Row:
     def to_json(self) -> dict[str, Any]:
         return {"operation": self.operation, "size": self.size, "seconds": self.seconds, "floor": self.floor,
                 "median": self.median, "floor_median": self.floor_median, "ratio": self.ratio,
-                "target": self.target, "met": self.met(), "memory": self.memory, "notes": self.notes}
+                "target": self.target, "met": self.met(), "target_applies": self.stated, "memory": self.memory,
+                "notes": self.notes}
 
 
 # -- processes --------------------------------------------------------------------------------
@@ -221,11 +224,11 @@ class Bench:
         files = {"state_dict": f"{m['dir']}/state_dict.pt", "torchscript": f"{m['dir']}/torchscript.pt"}
         rows = {
             fmt: Row(f"push {fmt} (in process)", label(size), target="<=1.3x floor, +64 MiB",
-                     limit=1.3, memory_limit_kb=64 * MIB)
+                     limit=1.3, memory_limit_kb=64 * MIB, stated=size >= TARGET_SIZE)
             for fmt in files
         }
         cli = Row("registry push torchscript (process)", label(size), floor_offset=0.5, target="<=floor+0.5s",
-                  limit=0.5)
+                  limit=0.5, stated=size >= TARGET_SIZE)
         for i in range(self.repeat):
             self.say(f"push {label(size)} {i + 1}/{self.repeat}")
             for fmt, path in files.items():
@@ -275,11 +278,11 @@ class Bench:
         limit_kb = int(0.05 * m["state_dict_bytes"] / 1024)
         rows = {
             "first": Row("load state_dict (first: hashes the blob)", label(size), target="<=1.2x floor, +5%",
-                         limit=1.2, memory_limit_kb=limit_kb),
+                         limit=1.2, memory_limit_kb=limit_kb, stated=size >= TARGET_SIZE),
             "recorded": Row("load state_dict (verified before)", label(size), target="<=1.2x floor, +5%",
-                            limit=1.2, memory_limit_kb=limit_kb),
+                            limit=1.2, memory_limit_kb=limit_kb, stated=size >= TARGET_SIZE),
             "touch": Row("load state_dict + read every weight", label(size), target="<=1.2x floor, +5%",
-                         limit=1.2, memory_limit_kb=limit_kb),
+                         limit=1.2, memory_limit_kb=limit_kb, stated=size >= TARGET_SIZE),
         }
         verified = reg / "home" / "verified"
         child("load", base, env)  # warm-up: page cache, bytecode, and the verification record
@@ -305,8 +308,10 @@ class Bench:
         base = {"db": f"sqlite:///{reg}/registry.db", "storage": str(reg / "artifacts"), "ref": info["ref"],
                 "dest": str(reg / "pulled" / "model.pt")}
         rows = {
-            "first": Row("pull (first: hashes the blob)", label(size), target="<=1.2x floor", limit=1.2),
-            "recorded": Row("pull (verified before)", label(size), target="<=1.2x floor", limit=1.2),
+            "first": Row("pull (first: hashes the blob)", label(size), target="<=1.2x floor", limit=1.2,
+                         stated=size >= TARGET_SIZE),
+            "recorded": Row("pull (verified before)", label(size), target="<=1.2x floor", limit=1.2,
+                            stated=size >= TARGET_SIZE),
         }
         verified = reg / "home" / "verified"
         child("pull", base, env)  # warm-up
@@ -376,8 +381,9 @@ class Bench:
         floor_cmd = [sys.executable, "-c", "import sqlalchemy, click, fsspec"]
         for warm in (floor_cmd, [*cmd, "list"]):
             run(warm, env)
-        for i in range(max(self.repeat, 5)):
-            self.say(f"metadata commands {i + 1}/{max(self.repeat, 5)}")
+        rounds = max(3 * self.repeat, 9)  # a command takes a fraction of a second: more samples, steadier medians
+        for i in range(rounds):
+            self.say(f"metadata commands {i + 1}/{rounds}")
             for name, args in commands.items():
                 args = args or ["promote", "mlp", "--version", str(1 + i % 2)]
                 pair = [("floor", floor_cmd), ("op", [*cmd, *args])]
@@ -413,8 +419,9 @@ class Bench:
                 db, storage = f"sqlite:///{where[versions]}/registry.db", str(where[versions] / "artifacts")
                 result = child("scale", {"db": db, "storage": storage, "versions": versions, "iterations": 30}, env)
                 for op, r in result.items():
-                    row = rows.setdefault(op, Row(op, size, target="" if op == "list (all models)" else
-                                                  "<=2x at 100 v", limit=None if op == "list (all models)" else 2.0))
+                    every = op == "list (all models)"  # 10,000 models against 100: no target
+                    row = rows.setdefault(op, Row(op, size, target="none: lists them all" if every else
+                                                  "<=2x at 100 v", limit=None if every else 2.0))
                     (row.seconds if versions == large else row.floor).append(r["seconds"])
                     statements.setdefault(op, {})[versions] = r["statements_per_call"]
                 done = run([*registry_cmd(), "--db", db, "--storage", storage, "list", "big"], env)
@@ -432,10 +439,13 @@ class Bench:
         for r in self.rows:
             f = r.floor_median
             met = r.met()
-            ratio = "" if r.ratio is None else (f"+{r.median - (f or 0):.2f}s" if r.floor_offset else f"{r.ratio:.2f}x")
+            ratio = "" if r.ratio is None else (f"{r.median - (f or 0):+.2f}s" if r.floor_offset else f"{r.ratio:.2f}x")
+            verdict = {True: "yes", False: "NO", None: ""}[met]
+            if met is not None and not r.stated:
+                verdict = f"({verdict.lower()})"
             lines.append((
                 r.operation, r.size, _secs(r.median), f"{_secs(min(r.seconds))}-{_secs(max(r.seconds))}",
-                "" if f is None else _secs(f), ratio, r.target, {True: "yes", False: "NO", None: ""}[met],
+                "" if f is None else _secs(f), ratio, r.target, verdict,
                 r.memory_text(),
             ))
         widths = [max(len(str(x)) for x in col) for col in zip(head, *lines, strict=True)]
@@ -507,6 +517,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"\nregistry benchmark, {started:%Y-%m-%d %H:%M} UTC, {info.get('cores')} cores, "
           f"{info.get('memory_gib')} GiB, torch {info['torch']}, repeat {args.repeat}\n")
     print(table)
+    if any(not r.stated for r in bench.rows):
+        print("\n(yes)/(no): the push, load and pull targets are stated for 1 GB; smaller sizes, where fixed "
+              "costs (imports, the SQLite commit) weigh more, are shown for information.")
     notes = [f"- {r.operation} ({r.size}): {n}" for r in bench.rows for n in dict.fromkeys(r.notes)]
     if notes:
         print("\n" + "\n".join(notes))

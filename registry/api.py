@@ -115,8 +115,10 @@ class Registry:
         """The local cache of remote artifacts (unused when storage is a local directory)."""
         if self._cache is None:
             from registry.cache import BlobCache
+            from registry.verified import VerifiedFiles
 
-            self._cache = BlobCache(self.settings.cache_dir, progress=self._progress)
+            self._cache = BlobCache(self.settings.cache_dir, progress=self._progress,
+                                    verified=VerifiedFiles(self.settings.home / "verified"))
         return self._cache
 
     def close(self) -> None:

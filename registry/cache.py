@@ -13,24 +13,30 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from registry.errors import IntegrityError, StorageError
 from registry.records import CacheInfo
 from registry.store import BlobStore, ProgressFactory
 
+if TYPE_CHECKING:
+    from registry.verified import VerifiedFiles
+
 
 class BlobCache:
     """Verified local copies of the blobs of a remote :class:`BlobStore`."""
 
-    def __init__(self, root: Path, *, progress: ProgressFactory | None = None) -> None:
+    def __init__(self, root: Path, *, progress: ProgressFactory | None = None,
+                 verified: VerifiedFiles | None = None) -> None:
         self.root = root
         self._local: BlobStore | None = None
         self._progress = progress
+        self._verified = verified  # cached files this machine hashed and that did not change are not re-hashed
 
     @property
     def local(self) -> BlobStore:
         if self._local is None:
-            self._local = BlobStore(str(self.root), progress=self._progress)
+            self._local = BlobStore(str(self.root), progress=self._progress, verified=self._verified)
         return self._local
 
     def path(self, remote: BlobStore, sha256: str, size: int, *, artifact: str, name: str | None = None) -> Path:

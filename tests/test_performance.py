@@ -431,3 +431,40 @@ def test_deleting_a_blob_forgets_its_record(registry: Registry, settled: None) -
     assert registry.store.verified is not None and registry.store.verified.lookup(blob) is not None
     registry.delete("m:1")
     assert not any(registry.store.verified.directory.rglob("*.json"))
+
+
+# -- the console script's fast exit ---------------------------------------------------------------
+
+
+def test_the_console_script_exits_fast_with_its_output_and_status_intact(home: Path, tmp_path: Path) -> None:
+    from tests.helpers import run_registry
+
+    source = _scripted(tmp_path / "m.pt", 16)
+    pushed = run_registry("--json", "push", "m", str(source))
+    assert pushed.returncode == 0, pushed.stderr
+    assert json.loads(pushed.stdout)["version"] == 1
+    listed = run_registry("--json", "list")
+    assert listed.returncode == 0 and [m["name"] for m in json.loads(listed.stdout)] == ["m"]
+    missing = run_registry("show", "nope")
+    assert (missing.returncode, missing.stdout) == (1, "") and missing.stderr.startswith("error: ")
+    assert run_registry("no-such-command").returncode == 2
+    with Registry() as reg:
+        blob = _blob(reg, "m")
+    os.chmod(blob, 0o644)
+    blob.write_bytes(b"corrupt")
+    verify = run_registry("verify")  # exits 1 through sys.exit() inside the command
+    assert verify.returncode == 1 and "m:1" in verify.stdout
+
+
+def test_the_cache_of_remote_blobs_uses_the_record_too(tmp_path: Path, settled: None, hashes: list[str]) -> None:
+    from registry.cache import BlobCache
+    from registry.store import BlobStore
+
+    remote = BlobStore(str(tmp_path / "remote"))  # any fsspec store; the cache only reads it
+    source = tmp_path / "f.bin"
+    source.write_bytes(os.urandom(100_000))
+    blob = remote.put_file(source)
+    cache = BlobCache(tmp_path / "cache", verified=VerifiedFiles(tmp_path / "records"))
+    paths = [cache.path(remote, blob.sha256, blob.size, artifact="m:1") for _ in range(3)]
+    assert len(set(paths)) == 1 and paths[0].read_bytes() == source.read_bytes()
+    assert len(hashes) == 1  # downloaded (hashed while streaming), hashed once from disk, then recorded
