@@ -419,15 +419,7 @@ def db() -> None:
 @pass_state
 def upgrade(state: State, revision: str) -> None:
     """Migrate the schema up to REVISION (default head)."""
-    from registry import db as dbmod
-
-    engine = dbmod.make_engine(state.settings().db_url)
-    try:
-        dbmod.upgrade(engine, revision)
-        now = dbmod.current(engine)
-    finally:
-        engine.dispose()
-    render(state, {"revision": now}, lambda: click.echo(f"schema at {now}"))
+    _migrate(state, "upgrade", revision)
 
 
 @db.command()
@@ -436,11 +428,15 @@ def upgrade(state: State, revision: str) -> None:
 @pass_state
 def downgrade(state: State, revision: str) -> None:
     """Migrate the schema down to REVISION (base removes every table: data is lost)."""
+    _migrate(state, "downgrade", revision)
+
+
+def _migrate(state: State, direction: str, revision: str) -> None:
     from registry import db as dbmod
 
     engine = dbmod.make_engine(state.settings().db_url)
     try:
-        dbmod.downgrade(engine, revision)
+        getattr(dbmod, direction)(engine, revision)
         now = dbmod.current(engine)
     finally:
         engine.dispose()

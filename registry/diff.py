@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from registry.errors import FormatError
+from registry.errors import FormatError, one_line
 from registry.records import Format
 
 if TYPE_CHECKING:
@@ -275,7 +275,7 @@ def _reader(side: Side, trusted: Sequence[str]) -> Iterator[_Reader]:
         try:
             obj = torch.load(side.path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
-            raise FormatError(f"cannot read {side.label}: {_one_line(e)}") from e
+            raise FormatError(f"cannot read {side.label}: {one_line(e)}") from e
         if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise FormatError(f"{side.label} is not a state_dict of tensors")
         reader: _Reader = _StateDictReader(dict(obj))
@@ -287,7 +287,7 @@ def _reader(side: Side, trusted: Sequence[str]) -> Iterator[_Reader]:
     try:
         handle = safe_open(str(side.path), framework="pt")
     except Exception as e:
-        raise FormatError(f"cannot read {side.label}: {_one_line(e)}") from e
+        raise FormatError(f"cannot read {side.label}: {one_line(e)}") from e
     with handle as f:
         stored = list(f.keys())
         aliases = {n: n for n in stored}
@@ -366,8 +366,3 @@ def _libc() -> Any:
 
 def _js(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return " ".join(text.splitlines()[0].split())[:500]

@@ -26,6 +26,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 
+def one_line(e: BaseException, limit: int = 500) -> str:
+    """The first line of a foreign exception's message, whitespace folded, for an ``error:`` line."""
+    text = str(e).strip() or type(e).__name__
+    return " ".join(text.splitlines()[0].split())[:limit]
+
+
 class RegistryError(Exception):
     """Base class of every error raised by the registry."""
 

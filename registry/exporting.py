@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from registry.errors import FormatError
+from registry.errors import FormatError, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -70,10 +70,5 @@ def load(path: Path, *, map_location: str | torch.device | None, artifact: str) 
             program = move_to_device_pass(program, map_location)
         module: torch.nn.Module = program.module()
     except Exception as e:
-        raise FormatError(f"cannot load {artifact}: {_one_line(e)}") from e
+        raise FormatError(f"cannot load {artifact}: {one_line(e)}") from e
     return module
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return " ".join(text.splitlines()[0].split())[:500]

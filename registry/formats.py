@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry import spec as spec_mod
-from registry.errors import FormatError, UntrustedPickle
+from registry.errors import FormatError, UntrustedPickle, one_line
 from registry.records import Format
 from registry.trust import components, has_dunder, is_trusted
 
@@ -79,7 +79,7 @@ def save(
     except FormatError:
         raise
     except Exception as e:  # torch raises many kinds here; the user needs its reason, not a trace
-        raise FormatError(f"cannot save the model as {fmt.value}: {_one_line(e)}") from e
+        raise FormatError(f"cannot save the model as {fmt.value}: {one_line(e)}") from e
 
 
 def meta_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -89,7 +89,7 @@ def meta_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="meta", weights_only=True, mmap=True)
     except Exception as e:
-        raise FormatError(f"{path.name} is not a loadable state_dict: {_one_line(e)}") from e
+        raise FormatError(f"{path.name} is not a loadable state_dict: {one_line(e)}") from e
     return _as_state_dict(obj, path.name)
 
 
@@ -142,7 +142,7 @@ def load(
             raise UntrustedPickle(f"{artifact} is a state_dict whose pickle", _unsafe_globals(path),
                                   hint="a state_dict holds only tensors; push it again from a trusted copy") from e
         except Exception as e:
-            raise FormatError(f"cannot load {artifact}: {_one_line(e)}") from e
+            raise FormatError(f"cannot load {artifact}: {one_line(e)}") from e
         module = spec_mod.build_with_weights(
             spec, _as_state_dict(obj, artifact), trusted, device=map_location
         )
@@ -185,7 +185,7 @@ def _load_full(
             with torch.serialization.safe_globals(allowed):
                 obj = torch.load(path, map_location=location, weights_only=True, mmap=True)
     except Exception as e:
-        raise FormatError(f"cannot load {artifact}: {_one_line(e)}") from e
+        raise FormatError(f"cannot load {artifact}: {one_line(e)}") from e
     if not isinstance(obj, torch.nn.Module):
         raise FormatError(f"{artifact} holds a {type(obj).__name__}, not an nn.Module")
     return obj
@@ -233,8 +233,3 @@ def _unsafe_globals(path: Path) -> list[str]:
         return torch.serialization.get_unsafe_globals_in_checkpoint(path) or ["an unknown global"]
     except Exception:  # the opcode walk failed too: still refuse, just without the names
         return ["an unknown global"]
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:500]

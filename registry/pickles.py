@@ -13,7 +13,7 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from registry.errors import FormatError
+from registry.errors import FormatError, one_line
 from registry.records import Format
 from registry.trust import has_dunder
 
@@ -174,7 +174,7 @@ def detect(path: str | os.PathLike[str]) -> Detected:
             except FormatError:
                 raise
             except _ZIP_ERRORS as e:
-                raise FormatError(f"'{base}' is a damaged zip archive ({_one_line(e)}); {_RESAVE}") from e
+                raise FormatError(f"'{base}' is a damaged zip archive ({one_line(e)}); {_RESAVE}") from e
     if head[:1] == b"\x80":
         raise FormatError(
             f"'{base}' uses the legacy non-zip torch.save format, which is not accepted; load it in a "
@@ -187,7 +187,7 @@ def _scan(data: bytes, what: str) -> frozenset[Global]:
     try:
         return _walk(data)
     except Exception as e:  # any parse failure at all means the bytes are not understood: fail closed
-        raise FormatError(f"{what} could not be scanned ({_one_line(e)}) and is refused; {_RESAVE}") from e
+        raise FormatError(f"{what} could not be scanned ({one_line(e)}) and is refused; {_RESAVE}") from e
 
 
 def _walk(data: bytes) -> frozenset[Global]:
@@ -283,9 +283,6 @@ def _is_safetensors(f: io.BufferedReader, head: bytes, size: int) -> bool:
         return False
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
 
 def _members(zf: zipfile.ZipFile, label: str) -> tuple[str, _Members]:
     """The single top-level folder of a torch zip and each member with its lower-cased path below it."""
@@ -354,7 +351,7 @@ def _pt2_payloads(zf: zipfile.ZipFile, members: _Members, base: str) -> tuple[se
                 for meta in json.loads(_read(zf, info, label))["config"].values():
                     (pickled if meta["use_pickle"] else raw).add(f"{folder}/{meta['path_name']}".lower())
             except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise FormatError(f"{label} is not a valid payload config ({_one_line(e)}); {_RESAVE}") from e
+                raise FormatError(f"{label} is not a valid payload config ({one_line(e)}); {_RESAVE}") from e
     return raw - pickled, pickled  # a member any entry unpickles is scanned
 
 

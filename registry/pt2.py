@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from registry import pickles
-from registry.errors import FormatError, UntrustedPickle
+from registry.errors import FormatError, UntrustedPickle, one_line
 
 #: Largest program JSON read into memory.
 MAX_PROGRAM_BYTES = 256 * 1024 * 1024
@@ -104,7 +104,7 @@ def vet(path: Path, *, label: str, detected: pickles.Detected | None = None) -> 
     except (FormatError, UntrustedPickle):
         raise
     except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError, RuntimeError) as e:
-        raise FormatError(f"{label} is a damaged .pt2 archive ({_one_line(e)})") from e
+        raise FormatError(f"{label} is a damaged .pt2 archive ({one_line(e)})") from e
 
 
 def _check_archive(zf: zipfile.ZipFile, label: str) -> None:
@@ -139,7 +139,7 @@ def _json(zf: zipfile.ZipFile, info: zipfile.ZipInfo, what: str, limit: int) -> 
     try:
         return json.loads(zf.read(info).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
-        raise FormatError(f"{what} is not valid JSON ({_one_line(e)})") from e
+        raise FormatError(f"{what} is not valid JSON ({one_line(e)})") from e
 
 
 def _check_config(config: Any, folder: str, members: dict[str, zipfile.ZipInfo], label: str, rel: str) -> None:
@@ -232,7 +232,7 @@ def _check_expr(expr: object, label: str) -> None:
     try:
         tokens = list(tokenize.generate_tokens(io.StringIO(expr).readline))
     except (tokenize.TokenError, SyntaxError) as e:
-        raise FormatError(f"{label}: symbolic expression {expr!r:.80} does not parse ({_one_line(e)})") from e
+        raise FormatError(f"{label}: symbolic expression {expr!r:.80} does not parse ({one_line(e)})") from e
     for tok in tokens:
         kind, text = tok.type, tok.string
         if kind in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER, tokenize.NUMBER):
@@ -255,7 +255,7 @@ def _check_treespec(text: str, label: str) -> None:
     try:
         spec = json.loads(text)
     except ValueError as e:
-        raise FormatError(f"{label}: an input/output spec is not valid JSON ({_one_line(e)})") from e
+        raise FormatError(f"{label}: an input/output spec is not valid JSON ({one_line(e)})") from e
     for key, value, _ in _walk(spec):
         if key == "context" and isinstance(value, str):
             try:
@@ -265,8 +265,3 @@ def _check_treespec(text: str, label: str) -> None:
             for _, item, _ in _walk(context):
                 if isinstance(item, str):
                     _check_dotted(item, label)
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return " ".join(text.splitlines()[0].split())[:300]

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from registry.errors import FormatError
+from registry.errors import FormatError, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -116,7 +116,7 @@ def read_example(path: Path) -> Inputs:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise FormatError(f"example file {path.name} is not a torch.save file of tensors: {_one_line(e)}") from e
+        raise FormatError(f"example file {path.name} is not a torch.save file of tensors: {one_line(e)}") from e
     return as_inputs(obj, what=f"example file {path.name}")
 
 
@@ -142,7 +142,7 @@ def load_example(data: bytes, *, what: str) -> Inputs:
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise FormatError(f"the example inputs of {what} cannot be loaded: {_one_line(e)}") from e
+        raise FormatError(f"the example inputs of {what} cannot be loaded: {one_line(e)}") from e
     return as_inputs(obj, what=f"the example inputs of {what}")
 
 
@@ -158,7 +158,7 @@ def run(module: Any, inputs: Inputs, *, what: str) -> Any:
         with torch.no_grad():
             return module(*inputs)
     except Exception as e:  # the model's own code: any exception is possible
-        raise FormatError(f"{what} fails on its example inputs: {_one_line(e)}") from e
+        raise FormatError(f"{what} fails on its example inputs: {one_line(e)}") from e
 
 
 def record(inputs: Inputs, outputs: Any) -> dict[str, Any]:
@@ -359,9 +359,3 @@ def _shape(entry: Mapping[str, Any]) -> str:
 
 def _kind(value: object) -> str:
     return type(value).__name__
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return " ".join(text.splitlines()[0].split())[:500]
-

@@ -311,21 +311,23 @@ def build_with_weights(
         check_state_dict(module, state_dict)
         # Assigning name by name would untie a tensor that several names share.
         if not _has_shared_tensors(module):
-            _load(module, state_dict, assign=True)
-            if not _has_meta_tensors(module):
+            load_weights(module, state_dict, assign=True)
+            if not has_meta_tensors(module):
                 return (module if device is None else module.to(device)).eval()
     real = _build(clean, trusted, "cpu" if device is None else device)
     if module is None:
         check_state_dict(real, state_dict)
-    _load(real, state_dict, assign=False)
+    load_weights(real, state_dict, assign=False)
     return real.eval()
 
 
-def _load(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, assign: bool) -> None:
+def load_weights(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, assign: bool) -> None:
+    """``load_state_dict(strict=True)``, its mismatch reported as a one-line :class:`SpecError`."""
     try:
         module.load_state_dict(state_dict, strict=True, assign=assign)
     except RuntimeError as e:
-        raise SpecError(f"state_dict does not match the architecture: {e}") from e
+        # torch's message lists the keys over several lines: fold it into the one-line error.
+        raise SpecError(f"the weights do not match the architecture: {' '.join(str(e).split())}") from e
 
 
 def _has_shared_tensors(module: torch.nn.Module) -> bool:
@@ -334,7 +336,8 @@ def _has_shared_tensors(module: torch.nn.Module) -> bool:
     return len({id(t) for t in tensors}) != len(tensors)
 
 
-def _has_meta_tensors(module: torch.nn.Module) -> bool:
+def has_meta_tensors(module: torch.nn.Module) -> bool:
+    """True if any parameter, buffer or tensor attribute was left on the meta device."""
     import torch
 
     # Plain attributes count too: RNNs keep _flat_weights, user modules may cache tensors.

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from registry.errors import FormatError, SpecError
+from registry.errors import FormatError, SpecError, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -53,7 +53,7 @@ def meta_tensors(path: Path) -> dict[str, torch.Tensor]:
     except FormatError:
         raise
     except Exception as e:  # safetensors raises its own SafetensorError for a bad header
-        raise FormatError(f"{path.name} is not a loadable safetensors file: {_one_line(e)}") from e
+        raise FormatError(f"{path.name} is not a loadable safetensors file: {one_line(e)}") from e
     return out
 
 
@@ -145,24 +145,17 @@ def load(
     try:
         tensors = load_file(str(path), device=str(device) if device is not None else "cpu")
     except Exception as e:
-        raise FormatError(f"cannot load {artifact}: {_one_line(e)}") from e
+        raise FormatError(f"cannot load {artifact}: {one_line(e)}") from e
     full = expand_ties(tensors, groups, what=artifact)
     spec_mod.check_state_dict(module, full)
-    _load_state(module, full, assign=True)
+    spec_mod.load_weights(module, full, assign=True)
     _retie(module, groups)
-    if spec_mod._has_meta_tensors(module):
+    if spec_mod.has_meta_tensors(module):
         # State the constructor computes outside the state_dict (non-persistent buffers, cached tensors)
         # was left on meta: build for real and copy the weights in instead.
         module = spec_mod.build(spec, trusted, device=device if device is not None else "cpu")
-        _load_state(module, full, assign=False)
+        spec_mod.load_weights(module, full, assign=False)
     return module.eval()
-
-
-def _load_state(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], *, assign: bool) -> None:
-    try:
-        module.load_state_dict(tensors, strict=True, assign=assign)
-    except RuntimeError as e:
-        raise SpecError(f"the tensors do not match the architecture: {_one_line(e)}") from e
 
 
 def _retie(module: torch.nn.Module, groups: Sequence[Sequence[str]]) -> None:
@@ -182,8 +175,3 @@ def _dtype(code: str, name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise FormatError(f"tensor {name!r} has dtype {code}, which this torch does not support")
     return dtype
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return " ".join(text.splitlines()[0].split())[:500]
