@@ -371,9 +371,16 @@ def _scan_pt2(
                     if _is_pickle_name(inner_rel):
                         name = f"{info.filename}!{inner_info.filename}"
                         scans[name] = _scan_member(inner, inner_info, base, name)
-        elif rel in pickled or magic[:1] == b"\x80" or _is_pickle_name(rel):
+        elif rel in pickled or magic[:1] == b"\x80" or _is_pickle_name(rel) or _unpickled_payload(rel):
+            # Fail closed: a payload that is neither raw tensor bytes nor a zip must scan as a pickle,
+            # whatever its name or first byte (torch retries a failed weights_only load unrestricted).
             scans[info.filename] = _scan_member(zf, info, base, info.filename)
     return scans
+
+
+def _unpickled_payload(rel: str) -> bool:
+    """A .pt2 member under data/ other than a JSON config: torch.export.load may unpickle it."""
+    return rel.startswith("data/") and not rel.endswith(".json")
 
 
 def _scan_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, base: str, name: str) -> frozenset[Global]:

@@ -231,10 +231,30 @@ def test_pickled_weight_beyond_tensors_is_refused(dynamic_pt2: Path, tmp_path: P
 
 def test_unexpected_members_and_old_layouts_are_refused(dynamic_pt2: Path, tmp_path: Path, registry: Registry,
                                                         home: Path) -> None:
-    extra = _rewrite(dynamic_pt2, tmp_path / "extra.pt2", add={"data/mtia/blob": b"\x00"})
+    extra = _rewrite(dynamic_pt2, tmp_path / "extra.pt2", add={"data/mtia/blob": b"N."})  # a valid pickle: the layout check refuses it
     _refused(extra, registry, home, "does not write for a plain program")
     legacy = tmp_path / "legacy.pt2"
     with zipfile.ZipFile(legacy, "w") as zf:
         zf.writestr("serialized_exported_program.json", "{}")
         zf.writestr("version", "8.0")
     _refused(legacy, registry, home, "pre-torch-2.8 .pt2 layout")
+
+
+@pytest.mark.parametrize("payload", [
+    b"cposix\nsystem\n(S'touch MARKER'\ntR.",  # protocol 0: no 0x80 byte, no .pkl name
+    b"cbuiltins\neval\n(S'1'\ntR.",
+    b"cmymod\nthing\n)R.",  # harmless-looking, but torch retries a failed weights_only load unrestricted
+    b"not a pickle at all",
+])
+def test_sample_inputs_that_are_not_a_torch_save_zip_are_scanned_and_refused(
+        dynamic_pt2: Path, tmp_path: Path, registry: Registry, home: Path, payload: bytes,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    bad = _rewrite(dynamic_pt2, tmp_path / "inputs.pt2", edit={"data/sample_inputs/model.pt": lambda _: payload})
+    before = registry_snapshot(home)
+    with pytest.raises((FormatError, UntrustedPickle)):
+        registry.push("evil", bad)
+    assert registry_snapshot(home) == before
+    with pytest.raises((FormatError, UntrustedPickle)):
+        load_export(bad, map_location=None, artifact="evil:1")
+    assert not (tmp_path / "MARKER").exists()
