@@ -5,7 +5,9 @@ from __future__ import annotations
 import atexit
 import gc as pygc
 import json
+import math
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -17,6 +19,26 @@ import click
 from registry.errors import RegistryError, SpecError
 
 F = TypeVar("F", bound=Callable[..., Any])
+#: Version numbers (and --limit/--before) as the database can hold them.
+VERSION = click.IntRange(min=1, max=2**31 - 1)
+
+
+class Tolerance(click.ParamType[float]):
+    """A finite, non-negative float (click's FloatRange lets NaN through)."""
+
+    name = "float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number) or number < 0:
+            self.fail(f"{value!r} is not a finite number >= 0", param, ctx)
+        return number
+
+
+TOLERANCE = Tolerance()
 
 #: Transfers smaller than this finish too quickly to deserve a progress bar.
 PROGRESS_MIN_BYTES = 4 * 1024 * 1024
@@ -180,7 +202,7 @@ def push(state: State, name: str, file: Path, fmt: str, arch: Path | None, descr
 
 @cli.command()
 @click.argument("ref")
-@click.option("--version", type=click.IntRange(min=1), help="Version number (instead of NAME:N).")
+@click.option("--version", type=VERSION, help="Version number (instead of NAME:N).")
 @click.option("--alias", help="Alias (instead of NAME@ALIAS).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="File or directory to write.")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
@@ -197,9 +219,9 @@ def pull(state: State, ref: str, version: int | None, alias: str | None, output:
 
 @cli.command(name="list")
 @click.argument("name", required=False)
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True,
+@click.option("--limit", type=VERSION, default=50, show_default=True,
               help="Versions per page (with NAME), newest first.")
-@click.option("--before", type=click.IntRange(min=1), help="Only versions older than this number.")
+@click.option("--before", type=VERSION, help="Only versions older than this number.")
 @json_option
 @pass_state
 def list_(state: State, name: str | None, limit: int, before: int | None) -> None:
@@ -221,7 +243,7 @@ def list_(state: State, name: str | None, limit: int, before: int | None) -> Non
 
 @cli.command()
 @click.argument("ref")
-@click.option("--version", type=click.IntRange(min=1), help="Version number (instead of NAME:N).")
+@click.option("--version", type=VERSION, help="Version number (instead of NAME:N).")
 @click.option("--alias", help="Alias (instead of NAME@ALIAS).")
 @json_option
 @pass_state
@@ -255,7 +277,7 @@ def show(state: State, ref: str, version: int | None, alias: str | None) -> None
 
 @cli.command()
 @click.argument("name")
-@click.option("--version", type=click.IntRange(min=1), required=True, help="Version to promote.")
+@click.option("--version", type=VERSION, required=True, help="Version to promote.")
 @click.option("--to", "to", default="production", show_default=True, help="Alias to move.")
 @click.option("--reason", help="Why, recorded in the history.")
 @click.option("--expect", metavar="M|none",
@@ -309,7 +331,7 @@ def history(state: State, name: str) -> None:
 
 @cli.command()
 @click.argument("ref")
-@click.option("--version", type=click.IntRange(min=1), help="Version number (instead of NAME:N).")
+@click.option("--version", type=VERSION, help="Version number (instead of NAME:N).")
 @click.option("--force", is_flag=True, help="Delete even if aliases point at it (they are removed).")
 @json_option
 @pass_state
@@ -343,7 +365,7 @@ def verify(state: State, name: str | None) -> None:
 
 @cli.command()
 @click.argument("ref")
-@click.option("--version", type=click.IntRange(min=1), help="Version number (instead of NAME:N).")
+@click.option("--version", type=VERSION, help="Version number (instead of NAME:N).")
 @click.option("--alias", help="Alias (instead of NAME@ALIAS).")
 @click.option("--device", help="Device for the weights (default cpu).")
 @click.option("--trust-pickle", is_flag=True,
@@ -462,10 +484,10 @@ def current(state: State) -> None:
 
 @cli.command()
 @click.argument("ref")
-@click.option("--version", type=click.IntRange(min=1), help="Version number (instead of NAME:N).")
+@click.option("--version", type=VERSION, help="Version number (instead of NAME:N).")
 @click.option("--alias", help="Alias (instead of NAME@ALIAS).")
-@click.option("--rtol", type=click.FloatRange(min=0), help="Relative tolerance [default 1e-4].")
-@click.option("--atol", type=click.FloatRange(min=0), help="Absolute tolerance [default 1e-5].")
+@click.option("--rtol", type=TOLERANCE, help="Relative tolerance [default 1e-4].")
+@click.option("--atol", type=TOLERANCE, help="Absolute tolerance [default 1e-5].")
 @click.option("--trust-pickle", is_flag=True,
               help="Let a whole-model pickle run code from untrusted classes (only if you trust its author).")
 @json_option
@@ -489,8 +511,8 @@ def check(state: State, ref: str, version: int | None, alias: str | None, rtol: 
               help="Inputs to trace an export with (default: the recorded signature's).")
 @click.option("--arch", type=click.Path(dir_okay=False, path_type=Path), metavar="SPEC.json",
               help="Architecture spec, for state_dict/safetensors from a torchscript or export version.")
-@click.option("--rtol", type=click.FloatRange(min=0), help="Relative tolerance of the output check [default 1e-4].")
-@click.option("--atol", type=click.FloatRange(min=0), help="Absolute tolerance of the output check [default 1e-5].")
+@click.option("--rtol", type=TOLERANCE, help="Relative tolerance of the output check [default 1e-4].")
+@click.option("--atol", type=TOLERANCE, help="Absolute tolerance of the output check [default 1e-5].")
 @click.option("--description", help="Free text shown by 'registry show'.")
 @click.option("--trust-pickle", is_flag=True,
               help="Let a whole-model pickle run code from untrusted classes (only if you trust its author).")
@@ -562,6 +584,8 @@ def main() -> None:
     atexit handlers ran and output was flushed ("dismissing Python garbage collection", Instagram).
     """
     global _gc_paused
+    # SIGTERM unwinds like Ctrl-C: temporary files and multipart uploads are cleaned up on the way out.
+    signal.signal(signal.SIGTERM, _terminate)
     if pygc.isenabled():
         pygc.disable()
         _gc_paused = True
@@ -571,6 +595,10 @@ def main() -> None:
     except SystemExit as e:
         code = e.code
     _exit(code)
+
+
+def _terminate(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _exit(code: Any) -> None:

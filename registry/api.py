@@ -218,6 +218,8 @@ class Registry:
             if inputs is not None:
                 recorded = self._record_signature(name, stager.artifact_path, fmt, spec_dict, inputs,
                                                   expected=expected, rtol=rtol, atol=atol)
+            with self._session():  # the input is valid: reach the database before anything is stored
+                pass
             for _ in range(PUSH_ATTEMPTS):
                 blob = stager.store()
                 _testhooks.pause("uploaded")
@@ -528,9 +530,13 @@ class Registry:
                 self._event(s, model.id, parsed.name, alias_name, None, row.version,
                             f"version {row.version} deleted")
             s.delete(row)
-        self._remove_blob_if_unused(record.sha256)
-        if record.example_sha256 is not None:
-            self._remove_blob_if_unused(record.example_sha256)
+        # The version is gone once committed; removing its blobs is best effort. If storage fails
+        # now, they are orphans that `registry gc` removes later: not a reason to report failure.
+        for sha in filter(None, (record.sha256, record.example_sha256)):
+            try:
+                self._remove_blob_if_unused(sha)
+            except StorageError:
+                pass
         return record
 
     def _remove_blob_if_unused(self, sha256: str) -> bool:
@@ -609,12 +615,38 @@ class Registry:
                 rows = s.execute(page).all()
             for row_id, model_name, number, sha, size in rows:
                 if (sha, size) != last:
-                    last, found = (sha, size), self.store.check(sha, size)
+                    last, found = (sha, size), self._check_blob(sha, size)
                 if found is not None:
                     yield Problem(model_name, number, sha, found[0], found[1])
                 after = (sha, row_id)
             if len(rows) < VERIFY_PAGE:
+                break
+        yield from self._example_problems(query.whereclause)
+
+    def _example_problems(self, where: Any) -> Iterator[Problem]:
+        """The example-input blobs signatures point at, checked like artifacts (paged by version id)."""
+        query = (select(Version.id, Model.name, Version.version, Version.example_sha256, Version.signature)
+                 .join(Model).where(Version.example_sha256.is_not(None)).order_by(Version.id).limit(VERIFY_PAGE))
+        if where is not None:
+            query = query.where(where)
+        after = 0
+        while True:
+            with self._session() as s:
+                rows = s.execute(query.where(Version.id > after)).all()
+            for row_id, model_name, number, sha, signature in rows:
+                size = int(((signature or {}).get("example") or {}).get("size", -1))
+                found = self._check_blob(sha, size)
+                if found is not None:
+                    yield Problem(model_name, number, sha, found[0], f"example inputs: {found[1]}")
+                after = row_id
+            if len(rows) < VERIFY_PAGE:
                 return
+
+    def _check_blob(self, sha256: str, size: int) -> tuple[str, str] | None:
+        try:
+            return self.store.check(sha256, size)
+        except StorageError as e:  # one unreadable blob is a problem to report, not the end of verify
+            return "unreadable", str(e)
 
     # -- the local cache of remote artifacts ---------------------------------------------------
 

@@ -10,7 +10,6 @@ verification later is discarded and fetched again.
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -69,9 +68,11 @@ class BlobCache:
     def clear(self) -> CacheInfo:
         """Remove every cached blob (and download leftovers); returns what was removed."""
         before = self.info()
-        shutil.rmtree(self.root / "blobs", ignore_errors=True)
-        for part in self.local.iter_partials() if self.root.is_dir() else ():
-            self.local.delete_partial(part.sha256)
+        if self.root.is_dir():  # only what the cache itself wrote: sha256-named blobs, staging files
+            for blob in list(self.local.iter_blobs()):
+                self.local.delete(blob.sha256)
+            for part in list(self.local.iter_partials()):
+                self.local.delete_partial(part.sha256)
         return before
 
     def _fetch(self, remote: BlobStore, sha256: str, size: int, *, artifact: str, name: str | None) -> Path:

@@ -111,6 +111,7 @@ def _login_name(env: Mapping[str, str]) -> str:
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)\Z")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_MAX_DURATION = 36500 * 86400  # a century: beyond it datetime arithmetic overflows
 
 
 def parse_duration(text: str) -> timedelta:
@@ -118,4 +119,7 @@ def parse_duration(text: str) -> timedelta:
     match = _DURATION_RE.match(text.strip().lower())
     if match is None:
         raise ConfigError(f"invalid duration {text!r}: use a number with s, m, h or d, e.g. 90s, 30m, 2h")
-    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds > _MAX_DURATION:
+        raise ConfigError(f"invalid duration {text!r}: at most 36500d")
+    return timedelta(seconds=seconds)

@@ -149,8 +149,11 @@ def load(
     elif fmt is Format.FULL:
         module = _load_full(path, trusted, location, trust_pickle, artifact)
     elif fmt is Format.TORCHSCRIPT:
-        with quiet_torchscript():
-            module = torch.jit.load(str(path), map_location=location)  # type: ignore[no-untyped-call]
+        try:
+            with quiet_torchscript():
+                module = torch.jit.load(str(path), map_location=location)  # type: ignore[no-untyped-call]
+        except Exception as e:  # a bad device or damaged code: torch's reason, in one line
+            raise FormatError(f"cannot load {artifact}: {one_line(e)}") from e
     else:
         raise FormatError(f"{artifact} has format {fmt.value!r}, which this version cannot load")
     return module.eval()

@@ -9,6 +9,10 @@ from registry.errors import InvalidName, InvalidReference
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 MAX_NAME = 128
+#: Versions are SQL INTEGERs: larger numbers cannot exist (and would overflow the driver).
+MAX_VERSION = 2**31 - 1
+#: Alias names that would read as something else in a reference.
+RESERVED_ALIASES = frozenset({"latest"})
 
 
 def validate_name(name: object, *, kind: str = "model name") -> str:
@@ -27,6 +31,8 @@ def validate_name(name: object, *, kind: str = "model name") -> str:
         raise InvalidName(name, "must start with a letter or digit", kind=kind)
     if not NAME_RE.match(name):
         raise InvalidName(name, "use only letters, digits, '.', '_' and '-'", kind=kind)
+    if kind == "alias" and name in RESERVED_ALIASES:
+        raise InvalidName(name, "is reserved: NAME:latest already means the newest version", kind=kind)
     return name
 
 
@@ -62,7 +68,7 @@ def parse_ref(text: str, *, version: int | None = None, alias: str | None = None
     elif ":" in text:
         name, tail = text.split(":", 1)
         if tail != "latest":
-            if not (tail.isascii() and tail.isdigit()) or int(tail) < 1:
+            if not (tail.isascii() and tail.isdigit()) or not 1 <= int(tail) <= MAX_VERSION:
                 raise InvalidReference(
                     f"invalid reference {text!r}: the version after ':' must be a number >= 1 or 'latest'"
                 )
@@ -73,7 +79,8 @@ def parse_ref(text: str, *, version: int | None = None, alias: str | None = None
         raise InvalidReference(
             f"reference {text!r} names its version more than once; use NAME with --version or --alias"
         )
-    if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)
+                                or not 1 <= version <= MAX_VERSION):
         raise InvalidReference(f"invalid version {version!r}: must be a number >= 1")
     if alias is not None:
         validate_name(alias, kind="alias")

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from registry.errors import SpecError, UntrustedTarget
+from registry.errors import SpecError, UntrustedTarget, one_line
 from registry.trust import components, has_dunder, is_trusted
 
 if TYPE_CHECKING:
@@ -210,7 +210,11 @@ def build(spec: Mapping[str, Any], trusted: Sequence[str], *, device: str | torc
         SpecError: The spec is invalid, or a constructor refused its arguments.
         UntrustedTarget: A target is not trusted.
     """
-    return _build(validate(spec, trusted), trusted, device)
+    clean = validate(spec, trusted)
+    try:
+        return _build(clean, trusted, device)
+    except RuntimeError as e:  # on meta: a constructor read tensor values
+        raise SpecError(f"spec: cannot construct {clean['target']} on {device}: {one_line(e)}") from e
 
 
 def skeleton(spec: Mapping[str, Any], trusted: Sequence[str]) -> torch.nn.Module:
@@ -222,8 +226,13 @@ def skeleton(spec: Mapping[str, Any], trusted: Sequence[str]) -> torch.nn.Module
 def _build(clean: dict[str, Any], trusted: Sequence[str], device: str | torch.device) -> torch.nn.Module:
     import torch
 
-    with torch.device(device):
-        module: torch.nn.Module = _construct(clean, "spec", trusted)
+    try:
+        with torch.device(device):
+            module: torch.nn.Module = _construct(clean, "spec", trusted)
+    except RuntimeError as e:
+        if str(device) == "meta":
+            raise  # _build_on_meta falls back to a real device
+        raise SpecError(f"spec: cannot construct {clean['target']}: {one_line(e)}") from e
     return module
 
 
@@ -247,8 +256,10 @@ def _construct(value: Any, path: str, trusted: Sequence[str]) -> Any:
     kwargs = {k: _construct(v, f"{path}.kwargs.{k}", trusted) for k, v in value.get("kwargs", {}).items()}
     try:
         return cls(*args, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise SpecError(f"{path}: cannot construct {target}: {e}") from e
+    except RuntimeError:
+        raise  # _build decides: retry off meta, or report
+    except Exception as e:  # constructors assert, index and overflow on bad arguments, not only TypeError
+        raise SpecError(f"{path}: cannot construct {target}: {one_line(e) or type(e).__name__}") from e
 
 
 def check_state_dict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +29,8 @@ CHUNK = 4 * 1024 * 1024
 #: Local writes start writeback every this many bytes (see ``_WriteBehind``).
 WRITEBACK_WINDOW = 64 * 1024 * 1024
 SHA256_HEX = frozenset("0123456789abcdef")
+#: Staging files are named ``<uuid4 hex>.part``.
+STAGING_RE = re.compile(r"[0-9a-f]{32}\.part")
 
 #: Called with the number of bytes just transferred (progress bars).
 Progress = Callable[[int], None]
@@ -174,12 +177,13 @@ class BlobStore:
 
     def _commit_local(self, tmp: Path, digest: str, size: int) -> Blob:
         final = Path(self.key(digest))
-        if final.exists() and final.stat().st_size == size:
-            return Blob(digest, size, written=False)
+        existed = final.exists()
         final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, final)  # atomic: readers see no blob or the whole blob
+        # Replace even an existing blob: these bytes were just hashed, the old file may have rotted,
+        # and pushing a good copy again is how a corrupt blob is repaired. Atomic for readers.
+        os.replace(tmp, final)
         _fsync_dir(final.parent)
-        return Blob(digest, size, written=True)
+        return Blob(digest, size, written=not existed)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -319,7 +323,8 @@ class BlobStore:
             if not tmp.is_dir():
                 return
             for entry in os.scandir(tmp):
-                if entry.is_file(follow_symlinks=False):
+                # Only our own staging names: never a file someone else put there.
+                if STAGING_RE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
                     st = entry.stat(follow_symlinks=False)
                     yield BlobInfo(entry.name, st.st_size, st.st_mtime)
 
@@ -383,8 +388,9 @@ class BlobStore:
             raise StorageError(f"cannot {action} storage {self.display_url}: {self._reason(e)}",
                                url=self.display_url) from e
         except PermissionError as e:
-            raise StorageError(f"cannot {action} storage {self.display_url}: {self._reason(e)}; check the "
-                               "credentials (AWS_* variables, AWS_PROFILE or REGISTRY_STORAGE_OPTIONS)",
+            hint = "" if self.local else ("; check the credentials (AWS_* variables, AWS_PROFILE or "
+                                          "REGISTRY_STORAGE_OPTIONS)")
+            raise StorageError(f"cannot {action} storage {self.display_url}: {self._reason(e)}{hint}",
                                url=self.display_url) from e
         except OSError as e:
             raise StorageError(f"cannot {action} storage {self.display_url}: {self._reason(e)}",
@@ -392,6 +398,12 @@ class BlobStore:
         except self._foreign_errors as e:  # botocore: no endpoint, no credentials, ...
             raise StorageError(f"cannot {action} storage {self.display_url}: {self._reason(e)}",
                                url=self.display_url) from e
+        except (TypeError, ValueError, NotImplementedError) as e:
+            if self.local:
+                raise
+            # Remote clients are built on first use: bad storage options or endpoints surface here.
+            raise StorageError(f"cannot {action} storage {self.display_url}: {self._reason(e)}; check "
+                               "REGISTRY_STORAGE_OPTIONS and the AWS_* variables", url=self.display_url) from e
 
     def _reason(self, e: BaseException) -> str:
         """One line, credentials scrubbed: server messages may echo what they were sent."""

@@ -386,3 +386,9 @@ def test_help_and_usage_errors_do_not_create_the_database(cli: Cli, home: Path, 
     result = cli.run(*args)
     assert result.exit_code in (0, 2)
     assert not home.exists() or list(home.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "inf", "x"])
+def test_tolerances_must_be_finite_and_not_negative(cli: Cli, value: str) -> None:
+    result = cli.run("check", "m", "--rtol", value)
+    assert result.exit_code == 2 and "--rtol" in result.stderr

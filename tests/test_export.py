@@ -231,7 +231,8 @@ def test_pickled_weight_beyond_tensors_is_refused(dynamic_pt2: Path, tmp_path: P
 
 def test_unexpected_members_and_old_layouts_are_refused(dynamic_pt2: Path, tmp_path: Path, registry: Registry,
                                                         home: Path) -> None:
-    extra = _rewrite(dynamic_pt2, tmp_path / "extra.pt2", add={"data/mtia/blob": b"N."})  # a valid pickle: the layout check refuses it
+    # A valid pickle, so that the layout check is what refuses it.
+    extra = _rewrite(dynamic_pt2, tmp_path / "extra.pt2", add={"data/mtia/blob": b"N."})
     _refused(extra, registry, home, "does not write for a plain program")
     legacy = tmp_path / "legacy.pt2"
     with zipfile.ZipFile(legacy, "w") as zf:

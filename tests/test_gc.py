@@ -86,24 +86,28 @@ def test_grace_applies_to_gc_and_to_dry_run(db_url: str, tmp_path: Path, files: 
     orphan.parent.mkdir(parents=True, exist_ok=True)
     orphan.write_bytes(files[1].read_bytes())
     age(orphan, 30 * 60)
-    partial = storage / "tmp" / "0123abcd.part"
+    partial = storage / "tmp" / "0123456789abcdef0123456789abcdef.part"
     partial.write_bytes(b"half a model")
     age(partial, 3 * HOUR)
+    stranger = storage / "tmp" / "notes.txt"  # not a staging file of ours: gc never touches it
+    stranger.write_text("keep me")
+    age(stranger, 3 * HOUR)
     age(blob(storage, sha256(files[0])), 3 * HOUR)
 
     def listed(*args: str) -> set[tuple[str, str]]:
         return {(g["kind"], g["key"]) for g in gc_json(cli, db_url, storage, *args)}
 
-    assert listed("--dry-run") == {("partial", "0123abcd.part")}  # default grace: 1h
-    assert listed("--dry-run", "--grace", "2h") == {("partial", "0123abcd.part")}
-    assert listed("--dry-run", "--grace", "10m") == {("partial", "0123abcd.part"), ("blob", sha256(files[1]))}
+    assert listed("--dry-run") == {("partial", "0123456789abcdef0123456789abcdef.part")}  # default grace: 1h
+    assert listed("--dry-run", "--grace", "2h") == {("partial", "0123456789abcdef0123456789abcdef.part")}
+    assert listed("--dry-run", "--grace", "10m") == {("partial", "0123456789abcdef0123456789abcdef.part"), ("blob", sha256(files[1]))}
     assert listed("--dry-run", "--grace", "4h") == set()
     assert orphan.exists() and partial.exists()  # dry runs remove nothing
 
-    assert listed() == {("partial", "0123abcd.part")}
+    assert listed() == {("partial", "0123456789abcdef0123456789abcdef.part")}
     assert orphan.exists() and not partial.exists()
     assert listed("--grace", "90s") == {("blob", sha256(files[1]))}
     assert not orphan.exists() and blob(storage, sha256(files[0])).exists()
     assert listed("--grace", "0") == set()
+    assert stranger.read_text() == "keep me"
     human = cli.ok("--db", db_url, "--storage", str(storage), "gc", "--grace", "30m").stdout
     assert human.strip() == "nothing to remove (grace 30m)"

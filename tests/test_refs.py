@@ -66,3 +66,16 @@ def test_version_named_twice() -> None:
 def test_bad_alias() -> None:
     with pytest.raises(InvalidName, match="invalid alias"):
         parse_ref("mlp@../x")
+
+
+def test_versions_beyond_the_database_integer_are_refused() -> None:
+    with pytest.raises(InvalidReference, match="number >= 1"):
+        parse_ref("mlp:99999999999999999999")
+    with pytest.raises(InvalidReference, match="invalid version"):
+        parse_ref("mlp", version=2**31)
+
+
+def test_latest_is_not_an_alias_name() -> None:
+    with pytest.raises(InvalidName, match="reserved"):
+        validate_name("latest", kind="alias")
+    assert validate_name("latest") == "latest"  # a model may be called that

@@ -27,6 +27,7 @@ from registry.spec import (
     check_state_dict,
     record_init,
     resolve,
+    skeleton,
     validate,
 )
 from tests.specmods import nets
@@ -664,3 +665,15 @@ def test_constructors_that_cannot_run_on_meta_build_for_real() -> None:
     model = nets.DataDependent(3)
     loaded = _round_trip(model, lambda m: m(_x(2, 4)), USER)
     assert [layer.p for layer in loaded.layers] == [0.0, 0.25, 0.5]
+
+
+@pytest.mark.parametrize("spec", [
+    {"target": "torch.nn.MultiheadAttention", "kwargs": {"embed_dim": 5, "num_heads": 2}},  # AssertionError
+    {"target": "torch.nn.Linear", "kwargs": {"in_features": -1, "out_features": 2}},  # RuntimeError
+    {"target": "torch.nn.Embedding", "kwargs": {"num_embeddings": 3, "embedding_dim": 2, "padding_idx": 9}},
+])
+def test_constructor_failures_of_any_kind_are_spec_errors(spec: dict[str, Any]) -> None:
+    with pytest.raises(SpecError, match="cannot construct"):
+        build(spec, ["torch.nn"], device="cpu")
+    with pytest.raises(SpecError, match="cannot construct"):
+        skeleton(spec, ["torch.nn"])

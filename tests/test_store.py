@@ -88,3 +88,36 @@ def test_keys_only_accept_hex_digests(store: BlobStore) -> None:
     for bad in ["../../etc/passwd", "A" * 64, "0" * 63]:
         with pytest.raises(ValueError):
             store.key(bad)
+
+
+def test_pushing_good_bytes_again_repairs_a_corrupt_local_blob(store: BlobStore, tmp_path: Path) -> None:
+    src = _file(tmp_path, b"weights" * 100)
+    blob = store.put_file(src)
+    Path(store.key(blob.sha256)).write_bytes(b"rotten" * 100 + b"w" * 100)  # same size, other bytes
+    assert store.check(blob.sha256, blob.size)[0] == "corrupt"  # type: ignore[index]
+    again = store.put_file(src)
+    assert again.written is False  # deduplicated: no new blob
+    assert store.check(blob.sha256, blob.size) is None  # but the file is the good copy again
+
+
+def test_gc_listing_ignores_files_that_are_not_staging_files(store: BlobStore, tmp_path: Path) -> None:
+    tmp = store.tmp_dir()
+    (tmp / "notes.txt").write_text("not ours")
+    (tmp / ("ab" * 16 + ".part")).write_bytes(b"half")
+    assert [p.sha256 for p in store.iter_partials()] == ["ab" * 16 + ".part"]
+
+
+def test_cache_clear_removes_only_what_the_cache_wrote(tmp_path: Path) -> None:
+    from registry.cache import BlobCache
+
+    cache = BlobCache(tmp_path / "cache")
+    blob = cache.local.put_file(_file(tmp_path, b"cached"))
+    mine = Path(cache.local.key(blob.sha256))
+    foreign = [tmp_path / "cache" / "blobs" / "README", tmp_path / "cache" / "tmp" / "keep.txt",
+               tmp_path / "cache" / "notes.txt"]
+    for path in foreign:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("not the cache's")
+    removed = cache.clear()
+    assert removed.blobs == 1 and not mine.exists()
+    assert all(path.read_text() == "not the cache's" for path in foreign)

@@ -110,5 +110,20 @@ def test_verify_streams_many_versions_in_pages(
         rest = list(stream)
         assert 1 + len(rest) == count
         assert sorted(p.version for p in [first, *rest]) == list(range(1, count + 1))
-        assert len([q for q in queries if "FROM versions" in q]) == count // 100 + 1
+        # 30 full pages, one short one, then one page of example-input blobs (none here).
+        assert len([q for q in queries if "FROM versions" in q]) == count // 100 + 1 + 1
         assert sorted(counted_checks) == sorted(b.sha256 for b in blobs)  # 3000 versions, 2 blobs, 2 hashes
+
+
+def test_verify_checks_example_input_blobs_too(registry: Registry, home: Path) -> None:
+    import torch
+
+    from tests.helpers import tutorial_model
+
+    mv = registry.push("mlp", tutorial_model(), example_inputs=torch.randn(2, 128))
+    assert mv.example_sha256 is not None and registry.verify() == []
+    example = home / "artifacts" / "blobs" / "sha256" / mv.example_sha256[:2] / mv.example_sha256
+    example.unlink()
+    problems = registry.verify()
+    assert [(p.name, p.version, p.sha256, p.kind) for p in problems] == [("mlp", 1, mv.example_sha256, "missing")]
+    assert problems[0].detail.startswith("example inputs: ")
