@@ -77,6 +77,9 @@ def test_gc_never_removes_a_blob_a_version_uses(db_url: str, tmp_path: Path, fil
     assert not blob(storage, sha256(files[0])).exists()
 
 
+PART = "0123456789abcdef0123456789abcdef.part"  # a staging file name: <uuid4 hex>.part
+
+
 def test_grace_applies_to_gc_and_to_dry_run(db_url: str, tmp_path: Path, files: list[Path], cli: Cli) -> None:
     storage = tmp_path / "artifacts"
     with Registry(db=db_url, storage=storage) as reg:
@@ -86,7 +89,7 @@ def test_grace_applies_to_gc_and_to_dry_run(db_url: str, tmp_path: Path, files: 
     orphan.parent.mkdir(parents=True, exist_ok=True)
     orphan.write_bytes(files[1].read_bytes())
     age(orphan, 30 * 60)
-    partial = storage / "tmp" / "0123456789abcdef0123456789abcdef.part"
+    partial = storage / "tmp" / PART
     partial.write_bytes(b"half a model")
     age(partial, 3 * HOUR)
     stranger = storage / "tmp" / "notes.txt"  # not a staging file of ours: gc never touches it
@@ -97,13 +100,13 @@ def test_grace_applies_to_gc_and_to_dry_run(db_url: str, tmp_path: Path, files: 
     def listed(*args: str) -> set[tuple[str, str]]:
         return {(g["kind"], g["key"]) for g in gc_json(cli, db_url, storage, *args)}
 
-    assert listed("--dry-run") == {("partial", "0123456789abcdef0123456789abcdef.part")}  # default grace: 1h
-    assert listed("--dry-run", "--grace", "2h") == {("partial", "0123456789abcdef0123456789abcdef.part")}
-    assert listed("--dry-run", "--grace", "10m") == {("partial", "0123456789abcdef0123456789abcdef.part"), ("blob", sha256(files[1]))}
+    assert listed("--dry-run") == {("partial", PART)}  # default grace: 1h
+    assert listed("--dry-run", "--grace", "2h") == {("partial", PART)}
+    assert listed("--dry-run", "--grace", "10m") == {("partial", PART), ("blob", sha256(files[1]))}
     assert listed("--dry-run", "--grace", "4h") == set()
     assert orphan.exists() and partial.exists()  # dry runs remove nothing
 
-    assert listed() == {("partial", "0123456789abcdef0123456789abcdef.part")}
+    assert listed() == {("partial", PART)}
     assert orphan.exists() and not partial.exists()
     assert listed("--grace", "90s") == {("blob", sha256(files[1]))}
     assert not orphan.exists() and blob(storage, sha256(files[0])).exists()
