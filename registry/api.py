@@ -200,7 +200,7 @@ class Registry:
         fmt = _format(format)
         if description is not None and not isinstance(description, str):
             raise SpecError("description must be a string")
-        from registry.sources import FileSource, ModuleSource
+        from registry.sources import FileSource, ModuleSource, recheck
 
         inputs = None
         if example_inputs is not None:
@@ -222,6 +222,10 @@ class Registry:
                 pass
             for _ in range(PUSH_ATTEMPTS):
                 blob = stager.store()
+                if self.store.local:
+                    # What was checked must be what was stored: a file rewritten between the
+                    # check and the copy is refused (its blob is left for gc).
+                    recheck(Path(self.store.key(blob.sha256)), detected, source)
                 _testhooks.pause("uploaded")
                 record = self._commit_version(
                     name, blob, fmt, spec_dict, detected.globals_, description, tag_map, alias,

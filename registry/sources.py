@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import uuid
@@ -156,3 +157,11 @@ def _check_weights(path: Path, fmt: Format, spec: dict[str, Any], trusted: Seque
         weights.check_ties(path, groups, what=path.name)
         tensors = weights.expand_ties(tensors, groups, what=path.name)
     spec_mod.check_state_dict(skeleton, tensors)
+
+
+def recheck(stored: Path, checked: pickles.Detected, source: object) -> None:
+    """Refuse a push whose stored bytes are not the ones :func:`check` looked at."""
+    again = pickles.detect(stored)
+    if (again.format, again.globals_, again.pickles) != (checked.format, checked.globals_, checked.pickles):
+        what = source if isinstance(source, (str, os.PathLike)) else "the model"
+        raise FormatError(f"{what} changed while it was being pushed; nothing was recorded, push it again")

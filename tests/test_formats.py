@@ -19,6 +19,7 @@ from registry import (
     Format,
     FormatError,
     ModelVersion,
+    NotFound,
     Registry,
     RegistryError,
     SpecError,
@@ -118,6 +119,25 @@ def test_os_system_pickle_is_refused_at_push(registry: Registry, home: Path, tmp
             registry.push("evil", evil, format=fmt)
         assert e.value.globals_ == ("posix.system",)
     assert registry_snapshot(home) == before
+    assert not marker.exists()
+
+
+def test_a_file_rewritten_between_check_and_copy_is_refused(registry: Registry, tmp_path: Path, marker: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    good = tmp_path / "m.pt"
+    torch.save(tutorial_model().state_dict(), good)
+    evil = _evil_archive(tmp_path / "evil.pt", _Evil(f"touch {marker}"))
+    real_put = type(registry.store).put_file
+
+    def swap_then_put(store: object, source: Path, **kw: object) -> object:
+        source.write_bytes(evil.read_bytes())  # the bytes change after they were checked
+        return real_put(store, source, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(type(registry.store), "put_file", swap_then_put)
+    with pytest.raises(FormatError, match="changed while it was being pushed"):
+        registry.push("m", good, spec=TUTORIAL_SPEC)
+    with pytest.raises(NotFound):
+        registry.get("m")
     assert not marker.exists()
 
 
