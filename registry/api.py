@@ -369,7 +369,7 @@ class Registry:
         target = Path(dest) if dest is not None else Path.cwd() / default_name
         if target.is_dir():
             target = target / default_name
-        if target.exists() and not force:
+        if os.path.lexists(target) and not force:  # a dangling symlink is in the way too
             raise AlreadyExists(f"{target} already exists; use --force to overwrite it")
         if not target.parent.is_dir():
             raise StorageError(f"cannot write {target}: {target.parent} is not a directory", url=str(target.parent))

@@ -205,8 +205,13 @@ def _trusted_class(name: str, trusted: Sequence[str]) -> type | None:
             return None
         try:
             obj: Any = importlib.import_module(module_name)
-        except ImportError:
-            continue
+        except ModuleNotFoundError as e:
+            if e.name is not None and module_name.startswith(e.name) and cut > 1:
+                continue  # maybe the name continues into the module: try a shorter prefix
+            raise FormatError(f"{name} is trusted but its module cannot be imported here ({one_line(e)}); "
+                              "install it or put it on PYTHONPATH") from e
+        except ImportError as e:
+            raise FormatError(f"{name} is trusted but its module fails to import ({one_line(e)})") from e
         try:
             for attr in parts[cut:]:
                 obj = getattr(obj, attr)

@@ -116,7 +116,11 @@ def read_example(path: Path) -> Inputs:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise FormatError(f"example file {path.name} is not a torch.save file of tensors: {one_line(e)}") from e
+        # Not torch's own advice ("re-run with weights_only=False"): example files are never unpickled unsafely.
+        reason = one_line(e)
+        if reason.startswith("Weights only load failed"):
+            reason = "it is not a torch.save file, or it holds something other than tensors"
+        raise FormatError(f"example file {path.name} is not a torch.save file of tensors: {reason}") from e
     return as_inputs(obj, what=f"example file {path.name}")
 
 
