@@ -53,7 +53,9 @@ class RegistryGroup(click.Group):
         except RegistryError as e:
             if os.environ.get("REGISTRY_DEBUG"):
                 raise
-            click.echo(f"error: {e}", err=True)
+            # One line, always: a file name or a foreign message may carry a line break.
+            message = str(e).replace("\r", "\\r").replace("\n", "\\n")
+            click.echo(f"error: {message}", err=True)
             ctx.exit(1)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
