@@ -10,6 +10,7 @@ loaded one at a time and written to a temporary safetensors file first.
 from __future__ import annotations
 
 import ctypes
+import inspect
 import json
 import math
 import mmap
@@ -107,6 +108,9 @@ def compare(a: Side, b: Side, *, trusted: Sequence[str], spec_note: str | None =
     spec_lines: list[str] = []
     if a.spec is not None and b.spec is not None:
         spec_lines = spec_changes(a.spec, b.spec)
+        if spec_lines and not spec_changes(canonical_spec(a.spec, trusted), canonical_spec(b.spec, trusted)):
+            spec_lines = []  # e.g. a captured spec spells out defaults a hand-written one leaves implicit
+            spec_note = spec_note or "the specs are written differently but describe the same architecture"
     elif spec_note is None and (a.spec is not None or b.spec is not None):
         missing = a.label if a.spec is None else b.label
         spec_note = f"not compared: {missing} records no architecture spec"
@@ -174,6 +178,38 @@ def spec_changes(a: Any, b: Any, path: str = "") -> list[str]:
     if a != b or (type(a) is not type(b) and not numbers):
         return [f"{path or 'spec'}: {_js(a)} -> {_js(b)}"]
     return []
+
+
+def canonical_spec(value: Any, trusted: Sequence[str]) -> Any:
+    """A spec with each target named by its defining module, and its arguments bound to parameter
+    names with those at their default values left out: two ways of writing one architecture agree."""
+    from registry import spec as spec_mod
+
+    if isinstance(value, list):
+        return [canonical_spec(v, trusted) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "target" not in value:
+        return {k: canonical_spec(v, trusted) for k, v in value.items()}
+    cls = spec_mod.resolve(value["target"], trusted)
+    args = canonical_spec(value.get("args", []), trusted)
+    kwargs = canonical_spec(value.get("kwargs", {}), trusted)
+    try:
+        signature = inspect.signature(cls.__init__)
+        bound = signature.bind_partial(None, *args, **kwargs).arguments  # None stands for self
+    except (TypeError, ValueError):
+        return {"target": f"{cls.__module__}.{cls.__qualname__}", "args": args, "kwargs": kwargs}
+    params = signature.parameters
+    kept = {k: v for k, v in list(bound.items())[1:]
+            if not (params[k].default is not inspect.Parameter.empty and _same(params[k].default, v))}
+    return {"target": f"{cls.__module__}.{cls.__qualname__}", "arguments": kept}
+
+
+def _same(default: Any, value: Any) -> bool:
+    try:
+        return bool(default == value) and type(default) in (type(value), int, float)
+    except Exception:  # an exotic default that cannot be compared: keep the argument
+        return False
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -87,3 +87,29 @@ def test_max_abs_diff_edge_cases() -> None:
     other[-1] = 0.5  # in the last chunk
     assert max_abs_diff(big, other) == 0.5
     assert spec_changes({"a": [1, True]}, {"a": [1.0, 1], "b": None}) == ["a[1]: true -> 1", "b: added null"]
+
+
+def test_spec_spelled_differently_is_not_a_difference_but_a_real_change_is(registry: Registry,
+                                                                            tmp_path: Path) -> None:
+    from tests.helpers import TUTORIAL_SPEC, tutorial_model
+
+    model = tutorial_model()
+    path = tmp_path / "sd.pt"
+    torch.save(model.state_dict(), path)
+    registry.push("m", path, spec=TUTORIAL_SPEC)  # hand-written: defaults left out
+    registry.push("m", model)  # captured: every argument spelled out (ReLU inplace=False, ...)
+    same = registry.diff("m:1", "m:2")
+    assert same.spec == () and same.identical
+    assert same.spec_note == "the specs are written differently but describe the same architecture"
+
+    positional = {"target": "torch.nn.Sequential", "args": [
+        {"target": "torch.nn.modules.linear.Linear", "args": [128, 16]},
+        {"target": "torch.nn.ReLU", "kwargs": {"inplace": False}},
+        {"target": "torch.nn.Linear", "args": [16, 1], "kwargs": {"bias": True}}]}
+    registry.push("m", path, spec=positional)
+    assert registry.diff("m:1", "m:3").spec == ()
+
+    wider = nn.Sequential(nn.Linear(128, 32), nn.ReLU(), nn.Linear(32, 1))
+    registry.push("m", wider)
+    changed = registry.diff("m:1", "m:4")
+    assert any("out_features: 16 -> 32" in line for line in changed.spec), changed.spec
