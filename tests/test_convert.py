@@ -50,7 +50,9 @@ class DataDependent(nn.Module):
 def versions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, dict[tuple[str, str], str]]]:
     """Each model pushed once in every source format, with its signature."""
     root = tmp_path_factory.mktemp("convert")
-    reg = Registry(db=f"sqlite:///{root / 'registry.db'}", storage=str(root / "artifacts"), user="tester")
+    with pytest.MonkeyPatch.context() as env:  # module scope: the autouse isolated_env is not active yet
+        env.setenv("REGISTRY_HOME", str(root))
+        reg = Registry(db=f"sqlite:///{root / 'registry.db'}", storage=str(root / "artifacts"), user="tester")
     refs: dict[tuple[str, str], str] = {}
     for name, (make, x) in MODELS.items():
         model = make()
