@@ -21,7 +21,6 @@ from registry.errors import (
     AliasConflict,
     AliasInUse,
     AlreadyExists,
-    DatabaseError,
     FormatError,
     NotFound,
     SpecError,
@@ -238,7 +237,6 @@ class Registry:
             url=self.store.display_url,
         )
 
-
     def _commit_version(
         self,
         name: str,
@@ -403,10 +401,7 @@ class Registry:
         from registry import formats
 
         mv = self.get(ref, version=version, alias=alias)
-        if self.store.local:
-            path = self.store.local_path(mv.sha256, mv.size, artifact=mv.ref, name=mv.name)
-        else:
-            path = self.cache.path(self.store, mv.sha256, mv.size, artifact=mv.ref, name=mv.name)
+        path = self._blob_path(mv.sha256, mv.size, artifact=mv.ref, name=mv.name)
         return formats.load(
             path, mv.format, spec=mv.spec, trusted=self.settings.trusted_modules,
             map_location=map_location, trust_pickle=trust_pickle, artifact=mv.ref,
@@ -866,9 +861,7 @@ class Registry:
             with (self._writer if write else self._reader).begin() as s:
                 yield s
         except sa_exc.DBAPIError as e:
-            url = self._engine.url.render_as_string(hide_password=True)
-            reason = str(e.orig).strip().splitlines()[0] if e.orig is not None else str(e)
-            raise DatabaseError(f"database {url} failed: {reason}", url=url) from e
+            raise database.database_error(self._engine, e) from e
 
 
 # -- helpers ----------------------------------------------------------------------------------

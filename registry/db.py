@@ -98,7 +98,7 @@ def current(engine: Engine) -> str | None:
             except (sa_exc.OperationalError, sa_exc.ProgrammingError):
                 return None  # no alembic_version table: a new database
     except sa_exc.DBAPIError as e:
-        raise _unreachable(engine, e) from e
+        raise database_error(engine, e) from e
     return None if row is None else str(row[0])
 
 
@@ -176,7 +176,7 @@ def _migration_connection(engine: Engine) -> Iterator[Config]:
                 if sqlite:
                     _sqlite_pragma(conn, "foreign_keys=ON")
     except sa_exc.DBAPIError as e:
-        raise _unreachable(engine, e) from e
+        raise database_error(engine, e) from e
 
 
 def _sqlite_pragma(conn: Connection, pragma: str) -> None:
@@ -198,7 +198,8 @@ def _revision_errors(revision: str) -> Iterator[None]:
                           f"revisions are base, head, or 0001..{SCHEMA_HEAD}") from e
 
 
-def _unreachable(engine: Engine, e: sa_exc.DBAPIError) -> DatabaseError:
+def database_error(engine: Engine, e: sa_exc.DBAPIError) -> DatabaseError:
+    """The one-line error for a failed database call: URL without its password, the driver's first line."""
     url = redact(engine.url.render_as_string(hide_password=True))
     reason = str(e.orig).strip().splitlines()[0] if e.orig is not None else type(e).__name__
     return DatabaseError(f"database {url} failed: {reason}", url=url)
