@@ -13,6 +13,7 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from registry import ziparchive
 from registry.errors import FormatError, one_line
 from registry.records import Format
 from registry.trust import has_dunder
@@ -144,6 +145,34 @@ def outside_weights_only(names: Iterable[str]) -> list[str]:
     return sorted({n for n in names if n not in _STATE_DICT_GLOBALS})
 
 
+#: Functions of ``torch.nn.functional`` implemented in C, pickled under ``torch._C._nn`` (a module holding
+#: ``activation=F.gelu`` pickles one); all pure tensor functions. Those torch implements as methods of
+#: ``torch._C._VariableFunctionsClass`` (``torch.tanh``) pickle through ``builtins.getattr`` and stay out.
+TORCH_C_FUNCTIONS = frozenset(f"torch._C._nn.{n}" for n in (
+    "avg_pool2d", "avg_pool3d", "elu_", "gelu", "hardtanh_", "leaky_relu_", "linear", "log_sigmoid", "one_hot",
+    "scaled_dot_product_attention", "softplus", "softshrink",
+))
+
+
+def untrusted_globals(names: Iterable[str], trusted: Iterable[str]) -> list[str]:
+    """Sorted names among ``names`` (as in :attr:`Detected.globals_`) a whole-model pickle needs trust for.
+
+    The allow-list: torch's tensor-rebuild set and plain containers (what ``weights_only`` accepts),
+    names under the trusted module prefixes (``torch.nn`` always), and :data:`TORCH_C_FUNCTIONS`.
+    Everything else is code an author chose to reference, whatever its name suggests.
+    """
+    from registry.trust import is_trusted
+
+    prefixes = tuple(trusted)
+    out = set()
+    for name in names:
+        fixed = global_name(_normalize(parse_globals([name])[0]))
+        if fixed in _STATE_DICT_GLOBALS or fixed in TORCH_C_FUNCTIONS or is_trusted(fixed, prefixes):
+            continue
+        out.add(name)
+    return sorted(out)
+
+
 @dataclass(frozen=True, slots=True)
 class Detected:
     """What :func:`detect` found in a model file."""
@@ -153,23 +182,25 @@ class Detected:
     pickles: tuple[str, ...]  # archive members scanned; "outer!inner" inside a nested archive
 
 
-def detect(path: str | os.PathLike[str]) -> Detected:
+def detect(path: str | os.PathLike[str], *, label: str | None = None) -> Detected:
     """Work out a model file's format from its bytes and scan every pickle it holds.
 
     Only the zip central directory and the pickle members are read, never tensor data.
+    ``label`` names the file in errors (default: its base name).
 
     Raises:
         FormatError: the file is not a supported model format, or a pickle in it cannot be scanned.
         FileNotFoundError: ``path`` does not exist.
     """
-    base = os.path.basename(os.fspath(path))
+    base = label if label is not None else os.path.basename(os.fspath(path))
     with open(path, "rb") as f:
         head = f.read(8)
         if _is_safetensors(f, head, os.fstat(f.fileno()).st_size):
             return Detected(Format.SAFETENSORS, (), ())
         if head.startswith(_ZIP_MAGIC):  # the test torch.load itself uses to pick the zip reader
             try:
-                with zipfile.ZipFile(f) as zf:
+                # Structure first: zipfile and torch's miniz must see the same members (ziparchive docstring).
+                with ziparchive.open_zip(f, f"'{base}'") as zf:
                     return _detect_archive(zf, base)
             except FormatError:
                 raise
@@ -201,14 +232,28 @@ def _walk(data: bytes) -> frozenset[Global]:
             raise ValueError("it uses the copyreg extension registry")
         if name == "PROTO" and not (isinstance(arg, int) and 0 <= arg <= 5):
             raise ValueError(f"unknown protocol {arg}")
+        g: Global | None = None
         if name in ("GLOBAL", "INST"):
-            found.add(_read_global(data, pos or 0))
+            g = _read_global(data, pos or 0)
         elif name == "STACK_GLOBAL":
             operands = stack[-2:]
             if len(operands) != 2 or not all(type(x) is str for x in operands):
                 raise ValueError(f"STACK_GLOBAL at byte {pos} has operands that are not constant strings")
-            found.add((str(operands[0]), str(operands[1])))
-        _step(op, arg, stack, memo)
+            g = (str(operands[0]), str(operands[1]))
+        if g is not None:
+            found.add(g)
+        popped = _step(op, arg, stack, memo)
+        # Follow numbers and globals far enough to see a call that allocates a size the bytes only state.
+        if name in _INT_OPS:
+            stack[-1] = _INT
+        elif name in ("GLOBAL", "STACK_GLOBAL") and g is not None:
+            stack[-1] = _Callable(global_name(_normalize(g)))
+        elif name in _TUPLE_OPS and any(p is _INT for p in popped):
+            stack[-1] = _INT
+        elif name in ("REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ") and popped:
+            _check_call(popped[0], popped[1:], pos)
+        elif name == "INST" and g is not None:
+            _check_call(_Callable(global_name(_normalize(g))), popped, pos)
     if stream.tell() != len(data):
         raise ValueError(f"{len(data) - stream.tell()} bytes follow the STOP opcode")
     return frozenset(found)
@@ -221,38 +266,62 @@ def _read_global(data: bytes, pos: int) -> Global:
     return data[pos + 1 : end1].decode("utf-8"), data[end1 + 1 : end2].decode("utf-8")
 
 
-def _step(op: pickletools.OpcodeInfo, arg: object, stack: list[object], memo: dict[object, object]) -> None:
-    """Apply one opcode's stack effect symbolically, as pickletools.dis does; values are str or opaque."""
+@dataclass(frozen=True, slots=True)
+class _Callable:
+    name: str  # a global, normalised
+
+
+_INT = object()  # a number, or a tuple holding one
+_INT_OPS = frozenset({"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4"})
+_TUPLE_OPS = frozenset({"TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"})
+# Allowed by weights_only, and given a number they allocate that many bytes before torch checks anything:
+# a 1 kB pickle could ask for gigabytes. Legitimate pickles pass them a string (their content).
+_SIZED_BY_NUMBER = frozenset({"builtins.bytearray", "builtins.bytes"})
+
+
+def _check_call(fn: object, args: list[object], pos: int | None) -> None:
+    if isinstance(fn, _Callable) and fn.name in _SIZED_BY_NUMBER and any(a is _INT for a in args):
+        raise ValueError(f"it calls {fn.name} with a number at byte {pos}, which allocates that many bytes")
+
+
+def _step(op: pickletools.OpcodeInfo, arg: object, stack: list[object], memo: dict[object, object]) -> list[object]:
+    """Apply one opcode's stack effect symbolically, as pickletools.dis does; returns what it popped, in order.
+
+    Values are str, a tracked marker or opaque."""
     name = op.name
     if name in _PUT_OPS:
         if not stack or stack[-1] is _MARK:
             raise ValueError(f"{name} with nothing to store")
         memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
-        return
+        return []
     if name in _GET_OPS:
         if arg not in memo:
             raise ValueError(f"memo key {arg} was never stored")
         stack.append(memo[arg])
-        return
+        return []
     if name == "DUP":
         if not stack or stack[-1] is _MARK:
             raise ValueError("DUP on an empty stack")
         stack.append(stack[-1])
-        return
+        return []
     before = list(op.stack_before)
+    above: list[object] = []
     if pickletools.markobject in before or (name == "POP" and stack and stack[-1] is _MARK):
         if _MARK not in stack:
             raise ValueError(f"{name} without a MARK")
-        while stack.pop() is not _MARK:
-            pass
+        while (item := stack.pop()) is not _MARK:
+            above.append(item)
+        above.reverse()
         before = before[: before.index(pickletools.markobject)] if pickletools.markobject in before else []
     if len(before) > len(stack) or any(x is _MARK for x in stack[len(stack) - len(before) :]):
         raise ValueError(f"{name} pops more than the stack holds")
+    popped = stack[len(stack) - len(before) :] + above
     del stack[len(stack) - len(before) :]
     if name in _STR_OPS or (name in _PY2_STR_OPS and isinstance(arg, str) and arg.isascii()):
         stack.append(arg)
     else:
         stack.extend(_MARK if s is pickletools.markobject else _ANY for s in op.stack_after)
+    return popped
 
 
 def _normalize(g: Global) -> Global:
@@ -279,7 +348,7 @@ def _is_safetensors(f: io.BufferedReader, head: bytes, size: int) -> bool:
         return False
     try:
         return isinstance(json.loads(header), dict)
-    except ValueError:
+    except (ValueError, RecursionError):  # a header nested past the recursion limit is no safetensors header
         return False
 
 
@@ -366,7 +435,7 @@ def _scan_pt2(
         with zf.open(info) as fh:
             magic = fh.read(4)
         if magic == _ZIP_MAGIC:
-            with zf.open(info) as fh, zipfile.ZipFile(fh) as inner:
+            with zf.open(info) as fh, ziparchive.open_zip(fh, f"'{base}' member {info.filename}") as inner:
                 for inner_info, inner_rel in _members(inner, f"'{base}' member {info.filename}")[1]:
                     if _is_pickle_name(inner_rel):
                         name = f"{info.filename}!{inner_info.filename}"

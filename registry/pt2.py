@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from registry import pickles
+from registry import operators, pickles, ziparchive
 from registry.errors import FormatError, UntrustedPickle, one_line
 
 #: Largest program JSON read into memory.
@@ -48,6 +48,10 @@ _LAYOUT = [re.compile(p) for p in (
     rf"data/sample_inputs/{_NAME}\.pt", r"extra/.+",
 )]
 _PAYLOAD = {"data/weights": re.compile(r"weight_\d+"), "data/constants": re.compile(r"tensor_\d+")}
+
+#: Bytes per element of torch.export's serialized ScalarType values (torch/_export/serde/schema.py).
+_ITEMSIZE = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 2, 7: 4, 8: 8, 9: 4, 10: 8, 11: 16, 12: 1, 13: 2, 28: 2, 29: 1, 30: 1,
+             31: 1, 32: 1, 33: 1, 34: 4, 35: 8}
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DOTTED = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
@@ -99,7 +103,7 @@ def vet(path: Path, *, label: str, detected: pickles.Detected | None = None) -> 
             hint="a .pt2 may only pickle tensors; re-save the program with torch.export.save",
         )
     try:
-        with zipfile.ZipFile(path) as zf:
+        with open(path, "rb") as f, ziparchive.open_zip(f, label) as zf:
             _check_archive(zf, label)
     except (FormatError, UntrustedPickle):
         raise
@@ -156,6 +160,28 @@ def _check_config(config: Any, folder: str, members: dict[str, zipfile.ZipInfo],
         if not isinstance(meta.get("use_pickle"), bool):
             raise FormatError(f"{label} member {rel}: entry {fqn!r} has no boolean use_pickle")
         _check_dotted(fqn, f"{label} member {rel}")
+        if not meta["use_pickle"]:
+            payload = members[f"{folder}/{path_name.lower()}"]
+            _check_extent(meta.get("tensor_meta"), payload.file_size, f"{label} member {rel}: entry {fqn!r}")
+
+
+def _check_extent(meta: Any, available: int, what: str) -> None:
+    """Refuse tensor metadata that reaches past its payload: torch would allocate what it declares."""
+    try:
+        sizes = [int(d["as_int"]) for d in meta["sizes"]]
+        strides = [int(d["as_int"]) for d in meta["strides"]]
+        offset = int(meta["storage_offset"]["as_int"])
+        itemsize = _ITEMSIZE[int(meta["dtype"])]
+    except (TypeError, KeyError, ValueError) as e:
+        raise FormatError(f"{what} has tensor metadata torch.export.save does not write ({one_line(e)})") from e
+    if len(sizes) != len(strides) or min([offset, *sizes, *strides], default=0) < 0:
+        raise FormatError(f"{what} has inconsistent tensor sizes and strides")
+    if 0 in sizes:
+        return
+    needed = (offset + sum((n - 1) * st for n, st in zip(sizes, strides, strict=True)) + 1) * itemsize
+    if needed > available:
+        raise FormatError(f"{what} declares a tensor of {needed} bytes but its payload holds {available}; refused "
+                          "(loading would allocate what the metadata claims)")
 
 
 def _check_program(program: Any, label: str) -> None:
@@ -180,7 +206,7 @@ def _check_program(program: Any, label: str) -> None:
                 _check_ident(name, label)
         elif (key.endswith("_name") or key == "fqn") and isinstance(value, str) and value:
             _check_dotted(value, label)
-        elif key == "target" and "inputs" in parent:
+        elif (key == "target" and "inputs" in parent) or key == "as_operator":  # as_operator: resolved by getattr
             _check_target(value, label)
         elif key in ("tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values",
                      "custom_obj_values") and isinstance(value, dict):
@@ -217,7 +243,10 @@ def _check_target(target: object, label: str) -> None:
     if isinstance(target, str):
         ops = _TARGET_OPS.fullmatch(target)
         if ops and ops.group(1) not in _OPS_METHODS and "__" not in target:
-            return
+            why = operators.export_target_problem(target)  # the allow-list TorchScript code is held to
+            if why is None:
+                return
+            raise FormatError(f"{label}: the program calls {target!r:.120}, which {why}; refused")
         if _TARGET_SYM.fullmatch(target) or _TARGET_MATH.fullmatch(target):
             return
         module, _, name = target.partition(".")
