@@ -4,6 +4,7 @@ The hierarchy::
 
     RegistryError
     ├── ConfigError               (ValueError)   bad REGISTRY_* setting or argument
+    │   └── InvalidText                          a description, tag, reason or user name is not printable
     ├── InvalidName               (ValueError)   model or alias name breaks the naming rules
     ├── InvalidReference          (ValueError)   "NAME", "NAME:N", "NAME@ALIAS" could not be parsed
     ├── NotFound                  (LookupError)  no such model, version or alias
@@ -14,6 +15,7 @@ The hierarchy::
     │   └── UntrustedTarget                      a spec names a class outside the trusted modules
     ├── FormatError               (ValueError)   bytes are not (or not the declared) model format
     ├── UntrustedPickle                          a pickle references globals that are not trusted
+    ├── UntrustedCode                            a program would run more than tensor operators
     ├── IntegrityError                           stored bytes do not match their recorded sha256
     ├── StorageError              (OSError)      the artifact store failed (URL already redacted)
     └── DatabaseError                            the metadata database failed (URL already redacted)
@@ -23,13 +25,32 @@ Each error is one line naming what was wrong and what to do; the CLI prints it a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+
+#: What never reaches a terminal raw: C0 and C1 controls and DEL (escape sequences, OSC 52 clipboard
+#: writes), every other ``str.splitlines()`` separator (U+2028, U+2029), bidi overrides and isolates
+#: (text displayed in another order than stored), and lone surrogates (undecodable OS bytes).
+UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_SHORT_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _SHORT_ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def printable(text: str) -> str:
+    """``text`` made safe for one terminal line: each character :data:`UNPRINTABLE` matches is escaped
+    (``\\n``, ``\\x1b``, ``\\u2028``); everything else, backslashes included, is shown as it is."""
+    return UNPRINTABLE.sub(_escape, text)
 
 
 def one_line(e: BaseException, limit: int = 500) -> str:
     """The first line of a foreign exception's message, whitespace folded, for an ``error:`` line."""
     text = str(e).strip() or type(e).__name__
-    return " ".join(text.splitlines()[0].split())[:limit]
+    return printable(" ".join(text.splitlines()[0].split())[:limit])
 
 
 class RegistryError(Exception):
@@ -38,6 +59,15 @@ class RegistryError(Exception):
 
 class ConfigError(RegistryError, ValueError):
     """A configuration value (argument or ``REGISTRY_*`` variable) is invalid."""
+
+
+class InvalidText(ConfigError):
+    """A free-text value (description, tag, reason, user name) is not printable UTF-8 text."""
+
+    def __init__(self, what: str, value: object, reason: str) -> None:
+        self.what, self.value = what, value
+        shown = value[:60] + "…" if isinstance(value, str) and len(value) > 60 else value
+        super().__init__(f"invalid {what} {repr(shown)[:80]}: {reason}")  # repr escapes the unprintable
 
 
 class InvalidName(RegistryError, ValueError):
@@ -123,6 +153,19 @@ class UntrustedPickle(RegistryError):
     def __init__(self, what: str, globals_: Iterable[str], *, hint: str) -> None:
         self.globals_ = tuple(sorted(set(globals_)))
         super().__init__(f"{what} references {', '.join(self.globals_)}; {hint}")
+
+
+class UntrustedCode(RegistryError):
+    """A program would run code beyond tensor arithmetic when loaded or called, and was not trusted."""
+
+    def __init__(self, artifact: str, problems: Iterable[str]) -> None:
+        self.artifact, self.problems = artifact, tuple(problems)
+        more = len(self.problems) - 3
+        shown = "; ".join(self.problems[:3]) + (f"; and {more} more" if more > 0 else "")
+        super().__init__(
+            f"{artifact} is a program that is not data-only ({shown}); load it with --trust-code "
+            "(trust_code=True) only if you trust whoever pushed it"
+        )
 
 
 class IntegrityError(RegistryError):

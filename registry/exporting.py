@@ -8,6 +8,10 @@ and never calls ``.eval()`` on a loaded program.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,11 +39,33 @@ def save(model: Any, path: Path, example_inputs: tuple[torch.Tensor, ...] | None
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        program = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+        with _quiet_torch():
+            program = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
     finally:
         for module, training in modes.items():
             module.training = training
     _save(program, path)
+
+
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """Keep torch.export from writing to stderr about a failure it raises anyway (reported in one line).
+
+    It logs a warning with the partial graph (torch.fx.experimental.symbolic_shapes), exportdb hints
+    (torch.export._trace), and print()s the partial FX graph to sys.stderr (_trace.py::_log_export_wrapper),
+    so torch's loggers are disabled and sys.stderr is redirected, process-wide, for the call.
+    """
+    loggers = [logger for name, logger in logging.Logger.manager.loggerDict.items()
+               if isinstance(logger, logging.Logger) and (name == "torch" or name.startswith("torch."))]
+    disabled = [logger.disabled for logger in loggers]
+    for logger in loggers:
+        logger.disabled = True
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for logger, was in zip(loggers, disabled, strict=True):
+            logger.disabled = was
 
 
 def _save(program: torch.export.ExportedProgram, path: Path) -> None:
@@ -51,16 +77,15 @@ def _save(program: torch.export.ExportedProgram, path: Path) -> None:
 
 
 def load(path: Path, *, map_location: str | torch.device | None, artifact: str) -> torch.nn.Module:
-    """Vet the archive, load the program, move it if asked, and return its module (not put in eval()).
+    """Load a program vetted by :func:`registry.formats.vet`, move it if asked, and return its module.
+
+    The module is not put in eval(): it keeps the mode it was exported in.
 
     Raises:
-        FormatError, UntrustedPickle: the archive is refused (see :mod:`registry.pt2`) or does not load.
+        FormatError: the program does not load.
     """
     import torch
 
-    from registry import pt2
-
-    pt2.vet(path, label=artifact)  # before torch.export.load reads a single byte of it
     try:
         with open(path, "rb") as f:  # a file object: blobs have no .pt2 suffix for torch to expect
             program = torch.export.load(f)

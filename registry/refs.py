@@ -1,11 +1,11 @@
-"""Model and alias names, and references: ``NAME``, ``NAME:N``, ``NAME:latest``, ``NAME@ALIAS``."""
+"""Model and alias names, references (``NAME``, ``NAME:N``, ``NAME:latest``, ``NAME@ALIAS``), and free text."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-from registry.errors import InvalidName, InvalidReference
+from registry.errors import UNPRINTABLE, InvalidName, InvalidReference, InvalidText
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 MAX_NAME = 128
@@ -34,6 +34,32 @@ def validate_name(name: object, *, kind: str = "model name") -> str:
     if kind == "alias" and name in RESERVED_ALIASES:
         raise InvalidName(name, "is reserved: NAME:latest already means the newest version", kind=kind)
     return name
+
+
+def validate_text(value: object, what: str, *, multiline: bool = False, max_length: int | None = None) -> str:
+    """Return ``value`` if it is printable UTF-8 text, the rule for descriptions, tags, reasons and user names.
+
+    Refused: anything but a string; lone surrogates (bytes the OS could not decode as UTF-8); control
+    characters, line separators and bidi overrides (:data:`registry.errors.UNPRINTABLE`), except newline
+    and tab when ``multiline``; more than ``max_length`` characters.
+
+    Raises:
+        InvalidText: naming the field and the first offending character.
+    """
+    if not isinstance(value, str):
+        raise InvalidText(what, value, f"must be a string, not {type(value).__name__}")
+    if max_length is not None and len(value) > max_length:
+        raise InvalidText(what, value, f"longer than {max_length} characters")
+    for match in UNPRINTABLE.finditer(value):
+        char = match.group()
+        if multiline and char in "\n\t":
+            continue
+        if "\ud800" <= char <= "\udfff":
+            raise InvalidText(what, value, "is not valid UTF-8 (bytes the system could not decode); use UTF-8 text")
+        allowed = "newline and tab are allowed" if multiline else "one line, no tabs"
+        raise InvalidText(what, value, f"contains control or line-separator character U+{ord(char):04X} "
+                                       f"at position {match.start()}; use printable text ({allowed})")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
