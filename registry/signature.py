@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -104,17 +105,26 @@ def read_example(path: Path) -> Inputs:
     Raises:
         FormatError: the file is missing, too big, not loadable with weights_only, or not tensors.
     """
+    import stat
+
     import torch
 
+    from registry import blobfile
+
     try:
-        size = path.stat().st_size
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise FormatError(f"example file {str(path)!r} is not a regular file")
+            if st.st_size > MAX_EXAMPLE_BYTES:
+                raise FormatError(f"example file {path.name} has {st.st_size} bytes; example inputs are limited to "
+                                  f"{MAX_EXAMPLE_BYTES} bytes (a small batch is enough)")
+            vet_example(blobfile.fd_path(f.fileno()), what=f"example file {path.name}")
+            data = f.read()  # the bytes just vetted, through the same descriptor
     except OSError as e:
         raise FormatError(f"example file {str(path)!r} cannot be read: {e.strerror or e}") from e
-    if size > MAX_EXAMPLE_BYTES:
-        raise FormatError(f"example file {path.name} has {size} bytes; example inputs are limited to "
-                          f"{MAX_EXAMPLE_BYTES} bytes (a small batch is enough)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
         # Not torch's own advice ("re-run with weights_only=False"): example files are never unpickled unsafely.
         reason = one_line(e)
@@ -137,6 +147,24 @@ def example_bytes(inputs: Inputs) -> bytes:
         raise FormatError(f"example inputs take {len(data)} bytes; they are limited to {MAX_EXAMPLE_BYTES} "
                           "bytes (a small batch is enough)")
     return data
+
+
+def vet_example(path: Path, *, what: str) -> None:
+    """Refuse example bytes that are anything but a torch.save archive of tensors (scanned, never unpickled).
+
+    Raises:
+        FormatError: an ambiguous archive, a pickle that references more than tensors and containers,
+            or one that would allocate sizes its bytes merely state.
+    """
+    from registry import pickles
+    from registry.records import Format
+
+    try:
+        detected = pickles.detect(path, label=what)
+    except FormatError as e:
+        raise FormatError(f"{what} is not a torch.save file of tensors: {e}") from e
+    if detected.format is not Format.STATE_DICT:
+        raise FormatError(f"{what} is not a torch.save file of tensors (its bytes are {detected.format.value})")
 
 
 def load_example(data: bytes, *, what: str) -> Inputs:
@@ -163,6 +191,31 @@ def run(module: Any, inputs: Inputs, *, what: str) -> Any:
             return module(*inputs)
     except Exception as e:  # the model's own code: any exception is possible
         raise FormatError(f"{what} fails on its example inputs: {one_line(e)}") from e
+
+
+def run_live(model: Any, inputs: Inputs, *, what: str) -> Any:
+    """Run a live model as a loaded version runs: in eval mode, without autograd; its modes are restored.
+
+    An ``ExportedProgram`` runs as its ``.module()``, which is what loading one gives.
+
+    Raises:
+        FormatError: the call failed.
+    """
+    import torch
+
+    if isinstance(model, torch.export.ExportedProgram):
+        return run(model.module(), inputs, what=what)
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, torch.nn.Module) else []
+    try:
+        if modes:
+            try:
+                model.eval()
+            except NotImplementedError:  # an ExportedProgram's module: its mode was fixed at export
+                modes = []
+        return run(model, inputs, what=what)
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def record(inputs: Inputs, outputs: Any) -> dict[str, Any]:

@@ -1,8 +1,18 @@
-"""Architecture specs: validate JSON, check trusted targets, build on meta, capture from live modules."""
+"""Architecture specs: validate JSON, check trusted targets, build on meta (capture lives in :mod:`registry.capture`).
+
+Besides plain JSON, a spec value may be a nested spec (``{"target": "torch.nn.ReLU"}``), a trusted
+function, which is passed uncalled (``{"target": "torch.nn.functional.gelu"}``, no args or kwargs),
+a dtype (``{"dtype": "bfloat16"}``), or a tensor whose values come from the weights
+(``{"tensor": {"dtype": "float32", "shape": [4]}}``: a loss's ``weight``, kept as a buffer). The root
+spec may carry a ``"state"`` object: what the constructor does not make but the pushed model had,
+restored on every build (see :func:`registry.fidelity.apply_state`)::
+
+    "state": {"ties": [["0.weight", "2.weight"]], "requires_grad": {"emb.weight": false},
+              "buffers": {"rope.cache": {"dtype": "bfloat16", "shape": [4], "data": "<base64>"}}}
+"""
 
 from __future__ import annotations
 
-import functools
 import importlib
 import inspect
 import itertools
@@ -10,11 +20,15 @@ import json
 import math
 import types
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from registry.errors import SpecError, UntrustedTarget, one_line
 from registry.trust import components, has_dunder, is_trusted
+
+if TYPE_CHECKING:
+    from registry.capture import capture as capture
+    from registry.capture import record_init as record_init
 
 if TYPE_CHECKING:
     import torch
@@ -26,17 +40,7 @@ MAX_SPEC_BYTES = 64 * 1024
 #: Upper bound on JSON nesting: every object or array, spec objects included, is one level.
 MAX_DEPTH = 32
 
-_CONTAINERS = ("Sequential", "ModuleList", "ModuleDict")
-_INIT_ATTR = "_registry_init"
 _LISTED = 5
-_HOWTO = (
-    "pass spec= explicitly, or decorate the class with @registry.record_init and keep it in an "
-    "importable module that is listed in REGISTRY_TRUSTED_MODULES / trusted_modules="
-)
-
-# (class, args, kwargs, names left to their defaults). A plain tuple, so that pickling a decorated
-# model (format "full") references no registry class.
-_InitRecord = tuple[type, tuple[Any, ...], dict[str, Any], tuple[str, ...]]
 
 
 def validate(spec: object, trusted: Sequence[str]) -> dict[str, Any]:
@@ -84,6 +88,11 @@ def _clean(value: object, path: str, depth: int, trusted: Sequence[str]) -> Any:
         return str.__str__(value)
     if not isinstance(value, (list, tuple, Mapping)):
         raise SpecError(f"{path}: a {type(value).__name__} is not a JSON value")
+    if is_dtype_value(value):
+        assert isinstance(value, Mapping)
+        return {"dtype": dtype_name(value["dtype"], f"{path}.dtype")}
+    if isinstance(value, Mapping) and list(value) == ["tensor"]:
+        return {"tensor": _clean_placeholder(value["tensor"], f"{path}.tensor")}
     if isinstance(value, Mapping):
         return (_clean_spec if "target" in value else _clean_items)(value, path, depth, trusted)
     # Bounding depth here bounds the recursion of every later walk over the spec, too.
@@ -107,9 +116,11 @@ def _clean_items(items: Mapping[Any, Any], path: str, depth: int, trusted: Seque
 def _clean_spec(spec: Mapping[Any, Any], path: str, depth: int, trusted: Sequence[str]) -> dict[str, Any]:
     if depth > MAX_DEPTH:
         raise SpecError(f"{path}: nested deeper than {MAX_DEPTH} levels")
-    unknown = [k for k in spec if k not in ("target", "args", "kwargs")]
+    allowed = ("target", "args", "kwargs", "state") if depth == 1 else ("target", "args", "kwargs")
+    unknown = [k for k in spec if k not in allowed]
     if unknown:
-        raise SpecError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))}; a spec has only target, args, kwargs")
+        raise SpecError(f"{path}: unknown key(s) {', '.join(map(repr, unknown))}; a spec has only "
+                        f"{', '.join(allowed)}")
     target, args, kwargs = spec["target"], spec.get("args", []), spec.get("kwargs", {})
     if not isinstance(target, str):
         raise SpecError(f"{path}.target: expected a dotted path string, got {type(target).__name__}")
@@ -126,7 +137,38 @@ def _clean_spec(spec: Mapping[Any, Any], path: str, depth: int, trusted: Sequenc
         out["args"] = _clean(args, f"{path}.args", depth + 1, trusted)
     if kwargs:
         out["kwargs"] = _clean_items(kwargs, f"{path}.kwargs", depth + 1, trusted)
+    if spec.get("state"):
+        from registry import fidelity
+
+        out["state"] = fidelity.clean_state(spec["state"], f"{path}.state")
     return out
+
+
+def dtype_name(name: object, where: str) -> str:
+    # Checked against torch's own names without importing torch: validate() must stay import-free.
+    if not isinstance(name, str) or not name.isidentifier() or name.startswith("_") or name not in _DTYPE_NAMES:
+        raise SpecError(f"{where}: {name!r} is not a torch dtype name such as 'float32' or 'bfloat16'")
+    return name
+
+
+_DTYPE_NAMES = frozenset((
+    "float64", "float32", "float16", "bfloat16", "complex128", "complex64", "complex32", "int64", "int32", "int16",
+    "int8", "uint64", "uint32", "uint16", "uint8", "bool", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2",
+    "float8_e5m2fnuz", "float8_e8m0fnu", "double", "float", "half", "long", "int", "short", "cfloat", "cdouble",
+))
+
+
+def _clean_placeholder(value: object, path: str) -> dict[str, Any]:
+    shape = value.get("shape") if isinstance(value, Mapping) else None
+    if not isinstance(value, Mapping) or set(value) != {"dtype", "shape"} or not isinstance(shape, list) or \
+            not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape):
+        raise SpecError(f"{path}: expected {{'dtype': name, 'shape': [sizes]}}")
+    return {"dtype": dtype_name(value["dtype"], f"{path}.dtype"), "shape": [int(d) for d in shape]}
+
+
+def is_dtype_value(value: object) -> bool:
+    """True for the spec encoding of a dtype, ``{"dtype": "bfloat16"}``."""
+    return isinstance(value, Mapping) and len(value) == 1 and isinstance(value.get("dtype"), str)
 
 
 def _check_target(target: str, trusted: Sequence[str], where: str) -> None:
@@ -153,9 +195,42 @@ def resolve(target: str, trusted: Sequence[str]) -> type[torch.nn.Module]:
         UntrustedTarget: The path, or a module or class on the way, is not trusted.
         SpecError: The path is malformed, cannot be imported, or is not an ``nn.Module`` subclass.
     """
-    _check_target(target, trusted, "target")
     import torch
 
+    obj = _reach(target, trusted)
+    if not isinstance(obj, type) or not issubclass(obj, torch.nn.Module):
+        raise SpecError(f"spec target {target!r} is not an nn.Module subclass")
+    return obj
+
+
+def resolve_value(target: str, trusted: Sequence[str]) -> Any:
+    """An ``nn.Module`` subclass, or a trusted function (``torch.nn.functional.gelu``), named by a target.
+
+    A function must be defined in trusted code, not merely imported into a trusted module; torch's
+    C functions count when reached through a trusted path and listed as pure (``pickles.TORCH_C_FUNCTIONS``).
+
+    Raises:
+        UntrustedTarget, SpecError: as :func:`resolve`; also for anything that is neither.
+    """
+    import torch
+
+    from registry.pickles import TORCH_C_FUNCTIONS
+
+    obj = _reach(target, trusted)
+    if isinstance(obj, type) and issubclass(obj, torch.nn.Module):
+        return obj
+    if inspect.isfunction(obj) and is_trusted(f"{obj.__module__}.{obj.__qualname__}", trusted):
+        return obj
+    if inspect.isbuiltin(obj) and (f"{obj.__module__}.{obj.__name__}" in TORCH_C_FUNCTIONS or (
+            str(obj.__module__).partition(".")[0] == "torch" and not obj.__name__.startswith("_"))):
+        return obj  # torch's own C functions (F.gelu is torch._C._nn.gelu), reached through a trusted path
+    if inspect.isfunction(obj) or inspect.isbuiltin(obj):
+        raise UntrustedTarget(target, trusted)
+    raise SpecError(f"spec target {target!r} is neither an nn.Module subclass nor a function")
+
+
+def _reach(target: str, trusted: Sequence[str]) -> object:
+    _check_target(target, trusted, "target")
     parts = target.replace(":", ".", 1).split(".")
     obj, n = _import_prefix(target, parts, trusted)
     where = ".".join(parts[:n])
@@ -169,8 +244,6 @@ def resolve(target: str, trusted: Sequence[str]) -> type[torch.nn.Module]:
             origin = obj.__name__ if isinstance(obj, types.ModuleType) else obj.__module__
             if not is_trusted(origin, trusted):
                 raise UntrustedTarget(target, trusted)
-    if not isinstance(obj, type) or not issubclass(obj, torch.nn.Module):
-        raise SpecError(f"spec target {target!r} is not an nn.Module subclass")
     return obj
 
 
@@ -196,7 +269,7 @@ def _import_prefix(target: str, parts: list[str], trusted: Sequence[str]) -> tup
 
 
 def build(spec: Mapping[str, Any], trusted: Sequence[str], *, device: str | torch.device = "meta") -> torch.nn.Module:
-    """Validate a spec and construct the module it describes.
+    """Validate a spec and construct the module it describes, its recorded ``state`` applied.
 
     Args:
         spec: The architecture spec.
@@ -212,33 +285,45 @@ def build(spec: Mapping[str, Any], trusted: Sequence[str], *, device: str | torc
     """
     clean = validate(spec, trusted)
     try:
-        return _build(clean, trusted, device)
+        return build_clean(clean, trusted, device)
     except RuntimeError as e:  # on meta: a constructor read tensor values
         raise SpecError(f"spec: cannot construct {clean['target']} on {device}: {one_line(e)}") from e
 
 
 def skeleton(spec: Mapping[str, Any], trusted: Sequence[str]) -> torch.nn.Module:
-    """The module a spec describes, for checking names and shapes: on meta if its constructor allows."""
+    """The module a spec describes, for checking names, shapes and ties: on meta if its constructor allows."""
     clean = validate(spec, trusted)
-    return _build_on_meta(clean, trusted) or _build(clean, trusted, "cpu")
+    return build_on_meta(clean, trusted) or build_clean(clean, trusted, "cpu")
 
 
-def _build(clean: dict[str, Any], trusted: Sequence[str], device: str | torch.device) -> torch.nn.Module:
+def build_clean(clean: dict[str, Any], trusted: Sequence[str], device: str | torch.device) -> torch.nn.Module:
+    """Construct an already validated spec on ``device`` and apply its state (RuntimeError on meta: retry)."""
+    import warnings
+
     import torch
 
     try:
-        with torch.device(device):
+        # The constructors' warnings were shown when the model was first built; a rebuild repeats them only.
+        with torch.device(device), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             module: torch.nn.Module = _construct(clean, "spec", trusted)
     except RuntimeError as e:
         if str(device) == "meta":
-            raise  # _build_on_meta falls back to a real device
+            raise  # build_on_meta falls back to a real device
         raise SpecError(f"spec: cannot construct {clean['target']}: {one_line(e)}") from e
+    if not isinstance(module, torch.nn.Module):
+        raise SpecError(f"spec: the root target {clean['target']} is a function, not an nn.Module")
+    if "state" in clean:
+        from registry import fidelity
+
+        fidelity.apply_state(module, clean["state"])
     return module
 
 
-def _build_on_meta(clean: dict[str, Any], trusted: Sequence[str]) -> torch.nn.Module | None:
+def build_on_meta(clean: dict[str, Any], trusted: Sequence[str]) -> torch.nn.Module | None:
+    """:func:`build_clean` on meta, or None if a constructor needs real tensor values."""
     try:
-        return _build(clean, trusted, "meta")
+        return build_clean(clean, trusted, "meta")
     except RuntimeError:
         return None  # a constructor read tensor values (.item(), .tolist()), which meta tensors lack
 
@@ -248,16 +333,31 @@ def _construct(value: Any, path: str, trusted: Sequence[str]) -> Any:
         return [_construct(v, f"{path}[{i}]", trusted) for i, v in enumerate(value)]
     if not isinstance(value, dict):
         return value
+    if is_dtype_value(value) or list(value) == ["tensor"]:
+        import torch
+
+        name = value["dtype"] if "dtype" in value else value["tensor"]["dtype"]
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise SpecError(f"{path}: this torch has no dtype {name!r}")
+        if "tensor" in value:
+            # A constructor argument that becomes a parameter or buffer: its values are the weights file's.
+            return torch.empty(value["tensor"]["shape"], dtype=dtype)
+        return dtype
     if "target" not in value:
         return OrderedDict((k, _construct(v, f"{path}.{k}", trusted)) for k, v in value.items())
     target = value["target"]
-    cls = resolve(target, trusted)
+    obj = resolve_value(target, trusted)
+    if not isinstance(obj, type):
+        if value.get("args") or value.get("kwargs"):
+            raise SpecError(f"{path}: {target} is a function, passed as a value: it takes no args or kwargs")
+        return obj
     args = _construct(value.get("args", []), f"{path}.args", trusted)
     kwargs = {k: _construct(v, f"{path}.kwargs.{k}", trusted) for k, v in value.get("kwargs", {}).items()}
     try:
-        return cls(*args, **kwargs)
+        return obj(*args, **kwargs)
     except RuntimeError:
-        raise  # _build decides: retry off meta, or report
+        raise  # build_clean decides: retry off meta, or report
     except Exception as e:  # constructors assert, index and overflow on bad arguments, not only TypeError
         raise SpecError(f"{path}: cannot construct {target}: {one_line(e) or type(e).__name__}") from e
 
@@ -297,39 +397,10 @@ def build_with_weights(
     *,
     device: str | torch.device | None = None,
 ) -> torch.nn.Module:
-    """Build a module from its spec and load its weights without allocating them twice.
+    """Build a module from its spec and assign its weights: :func:`registry.weights.rebuild`."""
+    from registry import weights
 
-    The module is built on meta and the given tensors are assigned into it. A module that needs a
-    real construction (state computed in ``__init__`` that is not in the state_dict, tied weights, a
-    constructor that cannot run on meta) is rebuilt on ``device`` (cpu if None) and loaded by copy.
-
-    Args:
-        spec: The architecture spec.
-        state_dict: The weights; their tensors are used in place where possible.
-        trusted: Module prefixes whose classes may be targets.
-        device: Where to move the module; None leaves the weights where they are.
-
-    Returns:
-        The module, in eval mode.
-
-    Raises:
-        SpecError: The spec is invalid or the weights do not fit it.
-        UntrustedTarget: A target is not trusted.
-    """
-    clean = validate(spec, trusted)
-    module = _build_on_meta(clean, trusted)
-    if module is not None:
-        check_state_dict(module, state_dict)
-        # Assigning name by name would untie a tensor that several names share.
-        if not _has_shared_tensors(module):
-            load_weights(module, state_dict, assign=True)
-            if not has_meta_tensors(module):
-                return (module if device is None else module.to(device)).eval()
-    real = _build(clean, trusted, "cpu" if device is None else device)
-    if module is None:
-        check_state_dict(real, state_dict)
-    load_weights(real, state_dict, assign=False)
-    return real.eval()
+    return weights.rebuild(spec, state_dict, trusted, device=device, what="the weights")
 
 
 def load_weights(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, assign: bool) -> None:
@@ -339,12 +410,6 @@ def load_weights(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]
     except RuntimeError as e:
         # torch's message lists the keys over several lines: fold it into the one-line error.
         raise SpecError(f"the weights do not match the architecture: {' '.join(str(e).split())}") from e
-
-
-def _has_shared_tensors(module: torch.nn.Module) -> bool:
-    params = module.named_parameters(remove_duplicate=False)
-    tensors = [t for _, t in itertools.chain(params, module.named_buffers(remove_duplicate=False))]
-    return len({id(t) for t in tensors}) != len(tensors)
 
 
 def has_meta_tensors(module: torch.nn.Module) -> bool:
@@ -360,214 +425,10 @@ def has_meta_tensors(module: torch.nn.Module) -> bool:
     return False
 
 
-def record_init(cls: type[M]) -> type[M]:
-    """Class decorator: record the arguments each instance is constructed with, for :func:`capture`.
+def __getattr__(name: str) -> Any:
+    # capture() and record_init moved to registry.capture; old imports from here keep working.
+    if name in ("capture", "record_init"):
+        from registry import capture as capture_mod
 
-    Only the outermost ``__init__`` call of an instance is recorded, so a decorated subclass of a
-    decorated class records its own arguments. ``__init__`` keeps its signature and docstring.
-    """
-    import torch
-
-    if not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
-        raise TypeError(f"record_init decorates nn.Module subclasses, not {cls!r}")
-    init = cls.__init__
-    signature = inspect.signature(init)
-
-    @functools.wraps(init)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        if _INIT_ATTR not in self.__dict__:
-            record = _bind(cls, signature, self, args, kwargs)
-            if record is not None:
-                # Module.__setattr__ would need Module.__init__ to have run already.
-                object.__setattr__(self, _INIT_ATTR, record)
-        init(self, *args, **kwargs)
-
-    cls.__init__ = __init__  # type: ignore[method-assign]
-    return cls
-
-
-def _bind(
-    cls: type, sig: inspect.Signature, self: object, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> _InitRecord | None:
-    try:
-        bound = sig.bind(self, *args, **kwargs)
-    except TypeError:
-        return None  # __init__ itself raises the better error
-    given = set(bound.arguments)
-    bound.apply_defaults()
-    params = list(sig.parameters.values())[1:]
-    star = any(p.kind is p.VAR_POSITIONAL and bound.arguments[p.name] for p in params)
-    positional: list[Any] = []
-    keywords: dict[str, Any] = {}
-    for p in params:
-        value = bound.arguments[p.name]
-        # Once *args holds values, the parameters before it can only be passed by position.
-        if p.kind is p.POSITIONAL_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and star):
-            positional.append(value)
-        elif p.kind is p.VAR_POSITIONAL:
-            positional.extend(value)
-        elif p.kind is p.VAR_KEYWORD:
-            keywords.update(value)
-        else:
-            keywords[p.name] = value
-    return cls, tuple(positional), keywords, tuple(p.name for p in params if p.name not in given)
-
-
-def capture(module: torch.nn.Module) -> dict[str, Any]:
-    """Describe a live module as a spec, and check that the spec rebuilds the same architecture.
-
-    Works for ``torch.nn`` built-ins and containers and for classes decorated with :func:`record_init`;
-    never falls back to pickling. Trust is checked later, where the spec is used.
-
-    Returns:
-        The normalized spec.
-
-    Raises:
-        SpecError: The module cannot be described, or its spec rebuilds something else (state_dict
-            keys or shapes, submodule types or settings); the message says how to supply a spec.
-    """
-    spec = _capture(module, "model")
-    name, trusted = type(module).__qualname__, sorted(_target_modules(spec))
-    try:
-        clean = validate(spec, trusted)
-        rebuilt = _build_on_meta(clean, trusted)
-        if rebuilt is None:
-            rebuilt = _build(clean, trusted, "cpu")
-        # The live module is the architecture here: "missing" keys are those the spec fails to rebuild.
-        check_state_dict(module, rebuilt.state_dict())
-    except SpecError as e:
-        raise SpecError(f"cannot capture a spec for {name}: {e}; {_HOWTO}") from e
-    for ours, live in itertools.zip_longest(_tree(rebuilt), _tree(module), fillvalue="nothing"):
-        if ours != live:
-            raise SpecError(f"cannot capture a spec for {name}: it rebuilds {ours}, not {live}; {_HOWTO}")
-    return clean
-
-
-def _capture(module: torch.nn.Module, path: str) -> dict[str, Any]:
-    cls = type(module)
-    if _is_builtin(cls):
-        return _capture_builtin(module, path)
-    if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
-        where = "in __main__" if cls.__module__ == "__main__" else "inside a function"
-        raise _cannot(path, cls, f"the class is defined {where}, so it cannot be imported when loading")
-    record = module.__dict__.get(_INIT_ATTR)
-    # A subclass that is not decorated itself carries its base's record, which does not describe it.
-    if not isinstance(record, tuple) or len(record) != 4 or record[0] is not cls:
-        raise _cannot(path, cls, "it is neither a torch.nn built-in nor decorated with @registry.record_init")
-    _, recorded_args, recorded_kwargs, defaulted = record
-    args = [_to_json(v, f"{path}[{i}]") for i, v in enumerate(recorded_args)]
-    kwargs: dict[str, Any] = {}
-    for key, value in recorded_kwargs.items():
-        try:
-            kwargs[key] = _to_json(value, f"{path}.{key}")
-        except SpecError:
-            if key not in defaulted:
-                raise  # a default left out is applied again by the constructor
-    return _spec(f"{cls.__module__}:{cls.__qualname__}", args, kwargs)
-
-
-def _capture_builtin(module: torch.nn.Module, path: str) -> dict[str, Any]:
-    import torch
-
-    cls = type(module)
-    target = f"torch.nn.{cls.__name__}"
-    if cls.__name__ in _CONTAINERS:
-        # _modules, not named_children(): a module held twice must appear twice (and fail the check).
-        children = {n: _capture(m, f"{path}.{n}") for n, m in module._modules.items() if m is not None}
-        if cls is torch.nn.ModuleList:
-            return _spec(target, [list(children.values())], {})
-        if cls is torch.nn.Sequential and list(children) == [str(i) for i in range(len(children))]:
-            return _spec(target, list(children.values()), {})
-        return _spec(target, [children], {})
-    override = _OVERRIDES.get(cls.__name__)
-    kwargs = {k: _to_json(v, f"{path}.{k}") for k, v in (override(module) if override else {}).items()}
-    for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
-        skip = p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in ("device", "dtype")
-        if skip or p.name.startswith("_") or p.name in kwargs or not hasattr(module, p.name):
-            continue
-        value = getattr(module, p.name)
-        if p.name == "bias" and (value is None or isinstance(value, torch.Tensor)):
-            value = value is not None  # the constructor takes a flag, the attribute holds the tensor
-        try:
-            kwargs[p.name] = _to_json(value, f"{path}.{p.name}")
-        except SpecError:
-            if value is not p.default:
-                raise
-    return _spec(target, [], kwargs)
-
-
-def _is_builtin(cls: type) -> bool:
-    import torch
-
-    return cls.__module__.startswith("torch.nn.modules.") and getattr(torch.nn, cls.__name__, None) is cls
-
-
-def _attrs(*names: str) -> Callable[[Any], dict[str, Any]]:
-    return lambda m: {n: getattr(m, n) for n in names}
-
-
-_RNN = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
-_MHA = ("embed_dim", "num_heads", "dropout", "add_zero_attn", "kdim", "vdim", "batch_first")
-
-# Built-ins whose constructor arguments are not all kept under their own names. The signature walk
-# in _capture_builtin covers the rest, and turns a ``bias`` tensor attribute back into a flag.
-_OVERRIDES: dict[str, Callable[[Any], dict[str, Any]]] = {
-    "RNN": _attrs(*_RNN, "nonlinearity"),
-    "LSTM": _attrs(*_RNN, "proj_size"),
-    "GRU": _attrs(*_RNN),
-    "MultiheadAttention": lambda m: {
-        **_attrs(*_MHA)(m),
-        "bias": m.in_proj_bias is not None,
-        "add_bias_kv": m.bias_k is not None,
-    },
-}
-
-
-def _to_json(value: Any, path: str) -> Any:
-    import torch
-
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float) and math.isfinite(value):
-        return float(value)
-    if isinstance(value, torch.nn.Module):
-        return _capture(value, path)
-    if isinstance(value, (list, tuple)):
-        return [_to_json(v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, Mapping) and "target" not in value and all(isinstance(k, str) for k in value):
-        return {k: _to_json(v, f"{path}.{k}") for k, v in value.items()}
-    raise SpecError(f"cannot capture {path}: the {type(value).__name__} value {value!r:.60} is not JSON-able; {_HOWTO}")
-
-
-def _cannot(path: str, cls: type, reason: str) -> SpecError:
-    return SpecError(f"cannot capture {path} ({cls.__module__}.{cls.__qualname__}): {reason}; {_HOWTO}")
-
-
-def _spec(target: str, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {"target": target, **({"args": args} if args else {}), **({"kwargs": kwargs} if kwargs else {})}
-
-
-def _target_modules(value: Any) -> set[str]:
-    if isinstance(value, dict) and "target" in value:
-        target = value["target"]
-        found = {target.partition(":")[0] if ":" in target else target.rpartition(".")[0]}
-        return found | _target_modules(value.get("args", [])) | _target_modules(list(value.get("kwargs", {}).values()))
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
-    return set().union(*map(_target_modules, items))
-
-
-def _tree(module: torch.nn.Module) -> list[str]:
-    # Built-ins are also compared by the arguments read back from them, which catches settings
-    # changed after construction inside a @record_init class (``model.drop.p = 0.5``).
-    return [f"{name or '<root>'} = {type(sub).__qualname__}{_settings(sub)}" for name, sub in module.named_modules()]
-
-
-def _settings(module: torch.nn.Module) -> str:
-    if not _is_builtin(type(module)) or type(module).__name__ in _CONTAINERS:
-        return ""
-    try:
-        return json.dumps(_capture_builtin(module, "").get("kwargs", {}))
-    except SpecError:
-        return ""
+        return getattr(capture_mod, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

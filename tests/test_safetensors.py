@@ -96,8 +96,8 @@ def test_tied_weights_round_trip_with_the_tie_intact(registry: Registry, monkeyp
     torch.manual_seed(0)
     model = Tied(50, 8)
     mv = reg.push("tied", model, format="safetensors")
-    path = reg.store.local_path(mv.sha256, mv.size, artifact=mv.ref)
-    with safe_open(str(path), framework="pt") as f:
+    with reg.store.open_verified(mv.sha256, mv.size, artifact=mv.ref) as path, \
+            safe_open(str(path), framework="pt") as f:
         assert list(f.keys()) == ["embed.weight"]  # the shared weight is stored once
     loaded = reg.load("tied")
     assert loaded.out.weight is loaded.embed.weight  # one Parameter, not two copies

@@ -150,3 +150,16 @@ class Outer:
 
 # Re-exported from an untrusted module: reachable through this module, but not trusted by it.
 from collections import OrderedDict as ReExported  # noqa: E402, F401
+
+
+@record_init
+class Scaled(nn.Module):
+    """A linear layer scaled by a non-persistent buffer."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.register_buffer("scale", torch.ones(width), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * self.scale
