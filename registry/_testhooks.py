@@ -1,4 +1,4 @@
-"""Test hook: hold a push at a named stage so a crash test can SIGKILL it there. Inert in normal use.
+"""Test hook: hold a push at a named stage so a test can SIGKILL it there or race it. Inert in normal use.
 
 The crash tests (``tests/test_crash.py``) run ``registry push`` with
 
@@ -17,10 +17,12 @@ import time
 from pathlib import Path
 
 #: ``hashing``: the first chunk is hashed and the staging file exists; ``uploaded``: the blob is
-#: complete in storage, no transaction yet; ``before_commit``: the version row is written but not
-#: committed (the transaction holds its locks); ``uploading``: remote storage only, a multipart
-#: upload is open and its first part sent.
-STAGES = frozenset({"hashing", "uploading", "uploaded", "before_commit"})
+#: complete in storage, no transaction yet; ``checked``: the blob lock is held and the blobs were
+#: found in storage, no row written yet (where gc used to slip in); ``before_commit``: the version
+#: row is written but not committed (the transaction holds its locks); ``uploading``: remote
+#: storage only, a multipart upload is open and its first part sent. ``removing`` is gc's (and
+#: delete's): about to take the lock of a blob it found unused.
+STAGES = frozenset({"hashing", "uploading", "uploaded", "checked", "before_commit", "removing"})
 ENV_STAGE = "REGISTRY_TEST_PAUSE_AT"
 ENV_FILE = "REGISTRY_TEST_PAUSE_FILE"
 MAX_PAUSE_SECONDS = 600.0

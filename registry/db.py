@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import math
+import os
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy import exc as sa_exc
@@ -20,13 +24,20 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 #: The newest migration in ``migrations/versions``; a test checks it against Alembic's head.
-SCHEMA_HEAD = "0002"
+SCHEMA_HEAD = "0003"
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 60_000
+#: Seconds PostgreSQL may take to accept a connection (libpq's connect_timeout) unless the URL sets
+#: one; without it a server that never answers holds a command for minutes (TCP's own timeouts).
+CONNECT_TIMEOUT = 10
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, timeout: float | None = None) -> Engine:
     """An engine for ``url``; SQLite gets WAL, a busy timeout, foreign keys and explicit BEGINs.
+
+    ``timeout`` (``REGISTRY_TIMEOUT``) replaces the default PostgreSQL connect timeout of
+    :data:`CONNECT_TIMEOUT` seconds; a ``connect_timeout`` in the URL wins over both. A SQLite file
+    this process cannot write is opened read-only, so reading commands still work.
 
     Raises:
         ConfigError: the URL is not a usable SQLAlchemy URL.
@@ -40,23 +51,32 @@ def make_engine(url: str) -> Engine:
         parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg 3 is the driver we ship
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(parsed)
+    connect_args: dict[str, Any] = {}
+    if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+        # libpq counts whole seconds (psycopg waits at least 2).
+        connect_args["connect_timeout"] = max(1, math.ceil(CONNECT_TIMEOUT if timeout is None else timeout))
     try:
-        return create_engine(parsed, pool_pre_ping=True)
+        return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
     except (sa_exc.ArgumentError, ImportError) as e:
         raise ConfigError(f"cannot use database URL {redact(url)!r}: {e}; "
                           "for PostgreSQL install the extra: pip install 'model-registry[postgres]'") from e
 
 
 def _sqlite_engine(url: Any) -> Engine:
+    extra: dict[str, Any] = {}
     if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
-        folder = Path(url.database).expanduser().parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            shown = redact(url.render_as_string(hide_password=True))
-            raise DatabaseError(f"database {shown} failed: cannot create the folder {folder}: "
-                                f"{e.strerror or e}", url=shown) from e
-    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+        path = Path(url.database).expanduser()
+        if path.is_file() and not os.access(path, os.W_OK):
+            # Opened read-write, a file we may not write fails even to read ("unable to open database file").
+            extra["creator"] = lambda: _read_only(path)
+        else:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # the registry's home: private to its user
+            except OSError as e:
+                shown = redact(url.render_as_string(hide_password=True))
+                raise DatabaseError(f"database {shown} failed: cannot create the folder {path.parent}: "
+                                    f"{e.strerror or e}", url=shown) from e
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **extra)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -64,7 +84,10 @@ def _sqlite_engine(url: Any) -> Engine:
         # "Serializable isolation / Savepoints / Transactional DDL" recipe for pysqlite).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError:
+            pass  # a read-only database (mode=ro) keeps the journal mode it has; reads work either way
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=FULL")  # a committed push survives power loss
@@ -78,6 +101,19 @@ def _sqlite_engine(url: Any) -> Engine:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
     return engine
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    """A read-only connection; ``immutable`` when not even WAL's shared-memory file can be created."""
+    uri = f"file:{quote(path.absolute().as_posix())}?mode=ro"
+    timeout = SQLITE_BUSY_TIMEOUT_MS / 1000
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=timeout, check_same_thread=False)
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchall()
+        return conn
+    except sqlite3.OperationalError:
+        # WAL needs -shm beside the file; in a folder we cannot write, only an immutable open reads it.
+        return sqlite3.connect(uri + "&immutable=1", uri=True, timeout=timeout, check_same_thread=False)
 
 
 def writer(engine: Engine) -> Engine:
@@ -202,4 +238,10 @@ def database_error(engine: Engine, e: sa_exc.DBAPIError) -> DatabaseError:
     """The one-line error for a failed database call: URL without its password, the driver's first line."""
     url = redact(engine.url.render_as_string(hide_password=True))
     reason = str(e.orig).strip().splitlines()[0] if e.orig is not None else type(e).__name__
+    if "readonly database" in reason or "read-only" in reason:
+        return DatabaseError(f"database {url} is read-only: {reason}; reading commands work, for this one "
+                             "use a database you can write", url=url)
+    if "disk is full" in reason or "No space left" in reason:
+        return DatabaseError(f"database {url} failed: no space left on the device holding it ({reason}); "
+                             "free space there", url=url)
     return DatabaseError(f"database {url} failed: {reason}", url=url)

@@ -20,10 +20,19 @@ def aware(value: datetime) -> datetime:
 
 
 def lock_blob(s: Session, sha256: str) -> None:
-    # SQLite writers are already serialised (BEGIN IMMEDIATE); PostgreSQL needs a lock per blob so
-    # that a push committing a reference and a delete removing the blob cannot interleave.
+    """Hold, until the transaction ends, the lock that orders pushes referencing a blob against its removal.
+
+    Returns only once the lock is held, so the caller may then look at storage: a push checks that the
+    blob exists, gc that nothing references it. ``s`` must be a writer session (``db.writer``).
+    """
     if s.get_bind().dialect.name == "postgresql":
         s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": int(sha256[:15], 16)})
+        return
+    # SQLite: the writer's BEGIN IMMEDIATE takes the database's write lock, but the session emits it
+    # only with its first statement; until then storage would be checked with no lock held. Begin now.
+    conn = s.connection()
+    if conn.get_execution_options().get("sqlite_begin") != "IMMEDIATE":
+        raise RuntimeError("lock_blob needs a writer session: a deferred SQLite transaction holds no lock")
 
 
 def next_version(s: Session, name: str, now: datetime) -> tuple[int, int]:
@@ -89,6 +98,8 @@ def to_record(row: Version, name: str, aliases: list[str]) -> ModelVersion:
         tags=dict(row.tags or {}), aliases=tuple(sorted(aliases)), torch_version=row.torch_version,
         python_version=row.python_version, source=row.source, signature=row.signature,
         example_sha256=row.example_sha256,
+        operators=tuple((row.program or {}).get("operators") or ()),
+        code_problems=tuple((row.program or {}).get("problems") or ()),
     )
 
 

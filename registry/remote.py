@@ -1,12 +1,11 @@
-"""Object-store specifics of the blob store: S3 options and retries, secrets, part sizes, incomplete uploads."""
+"""Object-store specifics of the blob store: S3 options, timeouts and retries, secrets, part sizes, S3 errors."""
 
 from __future__ import annotations
 
 import copy
 import math
 import os
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 #: Multipart uploads send parts of at least this size; one part is all an upload holds in memory.
@@ -14,21 +13,19 @@ PART_SIZE = 16 * 2**20
 #: S3 refuses more parts than this per upload, so huge files get proportionally larger parts.
 MAX_PARTS = 10_000
 #: botocore's retry policy unless storage options or AWS_MAX_ATTEMPTS / AWS_RETRY_MODE choose one:
-#: "standard" retries throttling, 5xx answers and dropped connections with jittered exponential backoff.
-S3_RETRIES: dict[str, Any] = {"mode": "standard", "max_attempts": 3}
+#: "standard" retries throttling, 5xx answers, timeouts and dropped connections with jittered
+#: exponential backoff; ``total_max_attempts`` counts the first attempt (``max_attempts`` would not).
+S3_ATTEMPTS = 3
+S3_RETRIES: dict[str, Any] = {"mode": "standard", "total_max_attempts": S3_ATTEMPTS}
+#: Seconds to wait for a connection, and for each answer (or each chunk of a body being read).
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 60.0
+#: s3fs retries botocore's calls again itself (5 times by default): 3 x 5 attempts of a minute each
+#: is what made a hung endpoint take 329 s. botocore alone keeps the budget.
+S3FS_RETRIES = 1
 #: Option names (at any depth) whose values are credentials, scrubbed from every message.
 SECRET_OPTION_WORDS = ("secret", "token", "password", "credential")
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
-
-
-@dataclass(frozen=True, slots=True)
-class Upload:
-    """An incomplete multipart upload found under the registry's prefix."""
-
-    key: str  # full key, bucket included, as fsspec names it
-    upload_id: str
-    initiated: float  # seconds since the epoch
-    size: int  # bytes of the parts uploaded so far
 
 
 def is_s3(protocol: str | tuple[str, ...]) -> bool:
@@ -36,10 +33,12 @@ def is_s3(protocol: str | tuple[str, ...]) -> bool:
     return any(p in ("s3", "s3a") for p in protocols)
 
 
-def storage_options(url: str, options: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+def storage_options(url: str, options: Mapping[str, Any], environ: Mapping[str, str] | None = None, *,
+                    timeout: float | None = None) -> dict[str, Any]:
     """The fsspec options for ``url``: the caller's, plus the registry's S3 defaults where they chose none.
 
-    Returns a deep copy: botocore rewrites the ``retries`` dict it is handed.
+    ``timeout`` (``REGISTRY_TIMEOUT``) replaces the default connect and read timeouts; timeouts in
+    ``options`` win over both. Returns a deep copy: botocore rewrites the ``retries`` dict it is handed.
     """
     out = copy.deepcopy(dict(options))
     if not url.startswith(("s3://", "s3a://")):
@@ -48,6 +47,8 @@ def storage_options(url: str, options: Mapping[str, Any], environ: Mapping[str, 
     config = out.setdefault("config_kwargs", {})
     if "retries" not in config and not env.get("AWS_MAX_ATTEMPTS") and not env.get("AWS_RETRY_MODE"):
         config["retries"] = dict(S3_RETRIES)
+    config.setdefault("connect_timeout", CONNECT_TIMEOUT if timeout is None else timeout)
+    config.setdefault("read_timeout", READ_TIMEOUT if timeout is None else timeout)
     # botocore reads AWS_DEFAULT_REGION only; AWS_REGION is what most other AWS tools read.
     client = out.setdefault("client_kwargs", {})
     if env.get("AWS_REGION") and not env.get("AWS_DEFAULT_REGION") and "region_name" not in client:
@@ -101,55 +102,25 @@ def part_size(size: int, minimum: int = PART_SIZE) -> int:
     return max(minimum, math.ceil(size / (MAX_PARTS - 1)))
 
 
-def list_uploads(fs: Any, prefix: str) -> Iterator[Upload]:
-    """Incomplete multipart uploads whose key starts with ``prefix`` (``bucket/key-prefix``)."""
-    bucket, _, key_prefix = prefix.partition("/")
-    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": key_prefix}
-    while True:
-        page = fs.call_s3("list_multipart_uploads", **kwargs)
-        for upload in page.get("Uploads", []):
-            key, upload_id = upload["Key"], upload["UploadId"]
-            yield Upload(f"{bucket}/{key}", upload_id, upload["Initiated"].timestamp(),
-                         _uploaded_bytes(fs, bucket, key, upload_id))
-        if not page.get("IsTruncated"):
-            return
-        kwargs["KeyMarker"] = page.get("NextKeyMarker", "")
-        kwargs["UploadIdMarker"] = page.get("NextUploadIdMarker", "")
+def client_error(e: BaseException | None) -> tuple[str, int, str, str] | None:
+    """``(operation, HTTP status, code, message)`` of a botocore ClientError, else None."""
+    response = getattr(e, "response", None)
+    if not isinstance(response, dict) or "Error" not in response:
+        return None
+    error = response.get("Error") or {}
+    status = int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
+    return (str(getattr(e, "operation_name", "") or "the request"), status, str(error.get("Code", "")),
+            " ".join(str(error.get("Message", "")).split()))
 
 
-def abort_upload(fs: Any, upload: Upload) -> None:
-    bucket, _, key = upload.key.partition("/")
-    try:
-        fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload.upload_id)
-    except FileNotFoundError:  # NoSuchUpload: completed or aborted meanwhile
-        pass
+def unsupported(e: BaseException) -> bool:
+    """Whether ``e`` (or the ClientError s3fs translated into it) says the server lacks the operation.
 
-
-def _uploaded_bytes(fs: Any, bucket: str, key: str, upload_id: str) -> int:
-    total = 0
-    kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "UploadId": upload_id}
-    while True:
-        try:
-            page = fs.call_s3("list_parts", **kwargs)
-        except FileNotFoundError:  # aborted or completed since it was listed
-            return total
-        total += sum(int(p.get("Size", 0)) for p in page.get("Parts", []))
-        if not page.get("IsTruncated"):
-            return total
-        kwargs["PartNumberMarker"] = page["NextPartNumberMarker"]
-
-
-def discard(f: Any) -> None:
-    """Abandon a file opened for writing without committing it (S3: abort its multipart upload)."""
-    try:
-        discard_ = getattr(f, "discard", None)
-        if discard_ is not None:
-            discard_()
-    except Exception:  # noqa: S110 - the server is failing too; `registry gc` aborts the upload later
-        pass
-    finally:
-        # close() would commit what was buffered; a discarded fsspec file must only be marked closed.
-        try:
-            f.closed = True
-        except AttributeError:  # pragma: no cover - files whose `closed` is read-only
-            pass
+    S3-compatible servers answer 501 NotImplemented for what they never implemented, and s3rver
+    405 MethodNotAllowed for multipart operations it routes nowhere (ListParts, AbortMultipartUpload).
+    """
+    for candidate in (e, e.__cause__):
+        info = client_error(candidate)
+        if info is not None and (info[1] in (501, 405) or info[2] in ("NotImplemented", "MethodNotAllowed")):
+            return True
+    return False

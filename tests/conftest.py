@@ -168,17 +168,30 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return url
 
 
-# -- S3: moto's S3 server on 127.0.0.1 (a real HTTP endpoint), reset before every test -----------
+# -- S3: two implementations on 127.0.0.1, each reset before every test ------------------------------
+#
+# moto (in-process, implements the whole multipart API, dates every upload 2010) and s3rver (Node,
+# a separate process: no ListMultipartUploads, ListParts or AbortMultipartUpload). Tests taking the
+# ``s3`` fixture run on both, unless they also take a fixture that patches moto's internals
+# (MOTO_ONLY): those run on moto alone. ``storage`` runs on local, moto and s3rver.
 
 S3_BUCKET = "registry-test"
 S3_PREFIX = "team/models"
 #: Dummy credentials: moto accepts any unless a test turns its authentication on.
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
                   "AWS_DEFAULT_REGION": "us-east-1"}
+S3_IMPLEMENTATIONS = ("moto", "s3rver")
+#: Fixtures that reach into moto's request handling; tests taking them run on moto only.
+MOTO_ONLY = frozenset({"traffic", "initiated"})
+#: ``npm install --prefix tests/.node s3rver@3`` (``.ci/run`` does it) puts the server here.
+S3RVER = ROOT / "tests" / ".node" / "node_modules" / ".bin" / "s3rver"
+NO_S3RVER = f"s3rver is not installed: run npm install --prefix {S3RVER.parents[2]} s3rver@3"
 
 
 class S3Server:
     """A ThreadedMotoServer on a free loopback port (moto's backend state is per process)."""
+
+    kind = "moto"
 
     def __init__(self, port: int = 0) -> None:
         import logging
@@ -190,6 +203,11 @@ class S3Server:
         self.server.start()
         host, self.port = self.server.get_host_and_port()
         self.endpoint = f"http://{host}:{self.port}"
+        self.credentials = dict(S3_CREDENTIALS)
+
+    def spawn(self, port: int = 0) -> S3Server:
+        """Another server over the same data (moto keeps it in this process)."""
+        return S3Server(port)
 
     def reset(self) -> None:
         import urllib.request
@@ -201,13 +219,75 @@ class S3Server:
         import boto3
 
         return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                            aws_access_key_id="testing-key-id", aws_secret_access_key="testing-secret-key")
+                            aws_access_key_id=self.credentials["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=self.credentials["AWS_SECRET_ACCESS_KEY"])
 
     def stop(self) -> None:
         """Stop serving and close the socket, so clients get "connection refused", not a hang."""
         self.server.stop()
         if self.server._server is not None:
             self.server._server.server_close()
+
+
+class S3rverServer(S3Server):
+    """The Node s3rver on a free loopback port, its data in ``directory``; stopped by its pid."""
+
+    kind = "s3rver"
+
+    def __init__(self, directory: Path, port: int = 0) -> None:
+        import subprocess
+        import time
+
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        log = directory.parent / f"{directory.name}-{uuid.uuid4().hex[:6]}.log"
+        # --silent still prints "S3rver listening on ADDRESS:PORT", which tells the port it chose.
+        # Any signature is accepted for its access key (S3RVER), so tests can use any secret.
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [str(S3RVER), "--silent", "--directory", str(directory), "--address", "127.0.0.1",
+                 "--port", str(port), "--allow-mismatched-signatures"],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            text = log.read_text(errors="replace")
+            if "listening on" in text:
+                self.port = int(text.split("listening on", 1)[1].split()[0].rsplit(":", 1)[1])
+                break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"s3rver did not start: {text.strip()}")
+            time.sleep(0.05)
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.credentials = {"AWS_ACCESS_KEY_ID": "S3RVER", "AWS_SECRET_ACCESS_KEY": "S3RVER",
+                            "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def spawn(self, port: int = 0) -> S3rverServer:
+        """Another server over the same data directory."""
+        return S3rverServer(self.directory, port)
+
+    def reset(self) -> None:
+        import shutil
+
+        for entry in self.directory.iterdir():  # s3rver reads its directory on every request
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+
+    def pending_parts(self) -> int:
+        """Bytes of parts held for incomplete uploads (s3rver keeps them in ``<bucket>/._S3rver_uploads``)."""
+        return sum(p.stat().st_size for p in self.directory.glob("*/._S3rver_uploads/*/*")
+                   if p.name.isdigit())
 
 
 @pytest.fixture(scope="session")
@@ -217,11 +297,33 @@ def s3_server() -> Iterator[S3Server]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def s3rver_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3rverServer]:
+    if not S3RVER.exists():
+        pytest.skip(NO_S3RVER)  # fails the run under REGISTRY_TEST_REQUIRE_ALL=1 (CI)
+    server = S3rverServer(tmp_path_factory.mktemp("s3rver") / "data")
+    yield server
+    server.stop()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "s3_impl" in metafunc.fixturenames:
+        kinds = ["moto"] if MOTO_ONLY.intersection(metafunc.fixturenames) else list(S3_IMPLEMENTATIONS)
+        metafunc.parametrize("s3_impl", kinds, indirect=True)
+
+
+@pytest.fixture
+def s3_impl(request: pytest.FixtureRequest) -> str:
+    """Which S3 server a test runs on; moto for tests that ask for ``s3`` only at run time."""
+    return str(getattr(request, "param", "moto"))
+
+
 class S3:
-    """An empty bucket on the moto server, seen the way the registry sees it."""
+    """An empty bucket on an S3 server, seen the way the registry sees it."""
 
     def __init__(self, server: S3Server) -> None:
         self.server = server
+        self.kind = server.kind
         self.bucket = S3_BUCKET
         self.url = f"s3://{S3_BUCKET}/{S3_PREFIX}"
         self.options: dict[str, Any] = {"endpoint_url": server.endpoint}
@@ -232,29 +334,48 @@ class S3:
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
         return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
 
+    def blob_keys(self) -> list[str]:
+        """Every key but the registry's upload markers (``PREFIX/uploads/``)."""
+        return [k for k in self.keys() if not k.startswith(f"{S3_PREFIX}/uploads/")]
+
     def blob_key(self, sha256: str) -> str:
         return f"{S3_PREFIX}/blobs/sha256/{sha256[:2]}/{sha256}"
 
     def uploads(self) -> list[dict[str, Any]]:
-        """Incomplete multipart uploads in the bucket."""
+        """Incomplete multipart uploads in the bucket (s3rver cannot list them: its parts on disk instead)."""
+        if isinstance(self.server, S3rverServer):
+            return [{"Key": "?", "UploadId": p.name}
+                    for p in self.server.directory.glob("*/._S3rver_uploads/*") if p.is_dir()]
         return list(self.client.list_multipart_uploads(Bucket=self.bucket).get("Uploads", []))
 
 
-@pytest.fixture
-def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[S3]:
-    """A freshly reset moto server with an empty bucket, dummy AWS_* credentials, no cached s3fs clients."""
+def _server(request: pytest.FixtureRequest, kind: str) -> S3Server:
+    server: S3Server = request.getfixturevalue("s3_server" if kind == "moto" else "s3rver_server")
+    return server
+
+
+def _bucket(server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> S3:
     from s3fs import S3FileSystem
 
-    s3_server.reset()
-    for var, value in S3_CREDENTIALS.items():
+    server.reset()
+    for var, value in server.credentials.items():
         monkeypatch.setenv(var, value)
     # Never read the developer's own ~/.aws files.
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     S3FileSystem.clear_instance_cache()  # fsspec caches instances by their arguments
-    bucket = S3(s3_server)
+    bucket = S3(server)
     bucket.client.create_bucket(Bucket=S3_BUCKET)
-    yield bucket
+    return bucket
+
+
+@pytest.fixture
+def s3(request: pytest.FixtureRequest, s3_impl: str, monkeypatch: pytest.MonkeyPatch,
+       tmp_path: Path) -> Iterator[S3]:
+    """A freshly reset server (moto, then s3rver) with an empty bucket, its credentials, no cached s3fs clients."""
+    from s3fs import S3FileSystem
+
+    yield _bucket(_server(request, s3_impl), monkeypatch, tmp_path)
     S3FileSystem.clear_instance_cache()
 
 
@@ -265,7 +386,7 @@ class Storage:
         self.kind, self.url, self.options, self.s3 = kind, url, options, s3
 
     def blobs(self) -> list[str]:
-        """The sha256 of every stored blob."""
+        """The sha256 of every stored blob (never an upload marker)."""
         if self.s3 is not None:
             return sorted(k.rsplit("/", 1)[-1] for k in self.s3.keys(f"{S3_PREFIX}/blobs/"))
         root = Path(self.url) / "blobs"
@@ -285,17 +406,20 @@ class Storage:
             (Path(self.url) / "blobs" / "sha256" / sha256[:2] / sha256).write_bytes(data)
 
 
-@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
-def storage(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Storage:
-    """Artifact storage: a local directory, and (as a second run) a bucket prefix on moto's S3 server."""
+@pytest.fixture(params=["local", *(pytest.param(kind, marks=pytest.mark.s3) for kind in S3_IMPLEMENTATIONS)])
+def storage(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Storage]:
+    """Artifact storage: a local directory, then a bucket prefix on moto's S3 server, then on s3rver's."""
+    from s3fs import S3FileSystem
+
     if request.param == "local":
         target = Storage("local", str(tmp_path / "artifacts"), {})
     else:
-        s3: S3 = request.getfixturevalue("s3")
+        s3 = _bucket(_server(request, request.param), monkeypatch, tmp_path)
         target = Storage("s3", s3.url, dict(s3.options), s3)
     monkeypatch.setenv("REGISTRY_STORAGE", target.url)
     if target.options:
         import json
 
         monkeypatch.setenv("REGISTRY_STORAGE_OPTIONS", json.dumps(target.options))
-    return target
+    yield target
+    S3FileSystem.clear_instance_cache()

@@ -1,8 +1,10 @@
-"""Remote storage through s3fs against a real S3 HTTP endpoint (moto's server), and the same scenarios locally.
+"""Remote storage through s3fs against real S3 HTTP endpoints (moto and s3rver), and the same scenarios locally.
 
-Scenarios that make sense on any storage take the parametrised ``storage`` fixture (local and S3);
-the rest are S3-only: the cache, multipart uploads, interrupted and failing uploads, gc of
-incomplete uploads, endpoints that go away, and secrets.
+Scenarios that make sense on any storage take the parametrised ``storage`` fixture (local, moto,
+s3rver); the rest are S3-only (the ``s3`` fixture: moto and s3rver): the cache, multipart uploads,
+interrupted and failing uploads, gc of incomplete uploads, endpoints that go away, and secrets.
+Where s3rver lacks an operation (ListMultipartUploads, ListParts, AbortMultipartUpload) the test
+asserts the documented degraded behaviour: parts left on the server are said to be left.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ import torch
 from torch import nn
 
 from registry import IntegrityError, Registry, StorageError
-from tests.conftest import S3, Cli, S3Server, Storage
+from tests.conftest import S3, S3_PREFIX, Cli, Storage
 from tests.helpers import TUTORIAL_SPEC, fresh_python, registry_command, tutorial_model
 
 MiB = 2**20
@@ -50,7 +53,7 @@ class Traffic:
 
 
 @pytest.fixture
-def traffic(s3: S3, monkeypatch: pytest.MonkeyPatch) -> Traffic:
+def traffic(monkeypatch: pytest.MonkeyPatch) -> Traffic:
     from moto.s3.responses import S3Response
 
     seen = Traffic()
@@ -168,7 +171,8 @@ def test_three_formats_push_pull_promote_load_delete_verify(
 def test_identical_push_stores_and_uploads_nothing_new(storage: Storage, cli: Cli, tmp_path: Path,
                                                        request: pytest.FixtureRequest) -> None:
     _, files, _ = model_files(tmp_path / "src")
-    traffic: Traffic | None = request.getfixturevalue("traffic") if storage.kind == "s3" else None
+    on_moto = storage.s3 is not None and storage.s3.kind == "moto"
+    traffic: Traffic | None = request.getfixturevalue("traffic") if on_moto else None
     first = json.loads(cli.ok("push", "a", str(files["full"]), "--json").stdout)
     if traffic is not None:
         assert traffic.count("PUT") == 1  # one small object: one PUT straight to its final key
@@ -295,8 +299,9 @@ def test_server_failing_mid_upload_leaves_no_version_and_no_upload(s3: S3, traff
 
 @pytest.mark.s3
 @pytest.mark.slow
-def test_ctrl_c_during_push_aborts_the_multipart_upload(s3: S3, monkeypatch: pytest.MonkeyPatch,
-                                                        tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_during_push_aborts_the_multipart_upload(s3: S3, monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path, signum: int) -> None:
     s3_env(monkeypatch, s3)
     path, spec = big_state_dict(tmp_path, 2100)  # ~17.6 MB: more than one 16 MiB part
     marker = tmp_path / "paused"
@@ -313,17 +318,77 @@ def test_ctrl_c_during_push_aborts_the_multipart_upload(s3: S3, monkeypatch: pyt
             assert time.monotonic() < deadline, "the push never reached the upload"
             time.sleep(0.02)
         assert len(s3.uploads()) == 1  # a multipart upload is open, its first part sent
-        proc.send_signal(signal.SIGINT)
+        assert len(s3.keys(f"{S3_PREFIX}/uploads/")) == 1  # and recorded, with the time it started
+        proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, stderr
-    assert one_error_line(stderr) == "error: interrupted" and stdout == ""
-    assert s3.uploads() == []  # aborted before exiting
-    assert s3.keys() == []
+    assert proc.returncode == 128 + signum, stderr
+    assert stdout == ""
+    if s3.kind == "moto":
+        assert s3.uploads() == []  # aborted before exiting
+        assert s3.keys() == []  # no object, no marker
+        if signum == signal.SIGINT:
+            assert one_error_line(stderr) == "error: interrupted"
+        else:
+            assert stderr == ""  # SIGTERM is silent when it leaves nothing behind
+    else:  # s3rver answers AbortMultipartUpload with 405: the push says the parts remain
+        what = "interrupted" if signum == signal.SIGINT else "terminated"
+        line = one_error_line(stderr)
+        assert line.startswith(f"error: {what}; the upload of {s3.bucket}/{S3_PREFIX}/blobs/sha256/"), line
+        assert "could not be aborted: AbortMultipartUpload failed with HTTP 405 MethodNotAllowed" in line
+        assert "parts remain on the server" in line and "AbortIncompleteMultipartUpload" in line
+        assert len(s3.uploads()) == 1 and s3.server.pending_parts() >= 16 * MiB  # type: ignore[attr-defined]
+        assert len(s3.keys(f"{S3_PREFIX}/uploads/")) == 1  # the marker stays, for gc to report it
+    assert s3.blob_keys() == []
     with Registry() as reg:
         assert reg.models() == []
+
+
+@pytest.mark.s3
+def test_failed_upload_whose_abort_fails_says_the_parts_remain(s3: S3, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from registry import uploads
+
+    path, spec = big_state_dict(tmp_path, 1800)  # ~13 MB: three parts of 5 MiB
+    send = uploads.MultipartWriter._send
+    sent = [0]
+
+    def failing_send(self: uploads.MultipartWriter, data: bytes) -> None:
+        sent[0] += 1
+        if sent[0] == 2:
+            raise OSError("injected failure")
+        send(self, data)
+
+    monkeypatch.setattr(uploads.MultipartWriter, "_send", failing_send)
+    with Registry(storage=s3.url, storage_options=s3.options) as reg:
+        reg.store.part_size = 5 * MiB
+        with pytest.raises(StorageError) as e:
+            reg.push("m", path, spec=json.loads(spec.read_text()))
+        message = str(e.value)
+        assert message.startswith(f"cannot upload to storage {s3.url}: injected failure"), message
+        assert "\n" not in message and reg.models() == []
+    assert s3.blob_keys() == []
+    if s3.kind == "moto":
+        assert "could not be aborted" not in message
+        assert s3.uploads() == [] and s3.keys() == []
+    else:
+        assert "; the upload of " in message and "could not be aborted" in message
+        assert "parts remain on the server" in message
+        assert len(s3.uploads()) == 1 and len(s3.keys(f"{S3_PREFIX}/uploads/")) == 1
+
+
+@pytest.mark.s3
+def test_multipart_push_and_pull_leave_only_the_blob(s3: S3, tmp_path: Path) -> None:
+    path, spec = big_state_dict(tmp_path, 1800)  # ~13 MB: three parts of 5 MiB
+    with Registry(storage=s3.url, storage_options=s3.options) as reg:
+        reg.store.part_size = 5 * MiB
+        mv = reg.push("big", path, spec=json.loads(spec.read_text()))
+        assert s3.keys() == [s3.blob_key(mv.sha256)]  # completed: its marker is gone too
+        assert s3.uploads() == []
+        assert reg.pull("big", dest=tmp_path / "back.pt").read_bytes() == path.read_bytes()
+        assert reg.gc(grace=timedelta(0)) == [] and reg.verify() == []
 
 
 @pytest.fixture
@@ -364,12 +429,77 @@ def test_gc_aborts_incomplete_uploads_older_than_the_grace_period(
     assert [u["Key"] for u in s3.uploads()] == ["someone-else/file.bin"]
 
 
+def abandoned_upload(s3: S3, sha: str, seconds_ago: float) -> str:
+    """A multipart upload the registry started ``seconds_ago`` (its marker says so) and never finished."""
+    from registry import uploads
+
+    with Registry(storage=s3.url, storage_options=s3.options) as reg:
+        writer = uploads.MultipartWriter(reg.store.fs, reg.store.root, reg.store.key(sha), 20 * MiB, 5 * MiB)
+        writer.started = time.time() - seconds_ago
+        writer.write(b"x" * 5 * MiB)  # the first part is sent: the upload exists, and is recorded
+        assert writer.upload_id is not None
+        return writer.upload_id
+
+
+def entries(output: str) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """``gc --json``: what it removed (kind, key), and its warnings by key."""
+    data = json.loads(output)
+    return ([(e["kind"], e["key"]) for e in data if e["kind"] != "warning"],
+            {e["key"]: e["message"] for e in data if e["kind"] == "warning"})
+
+
+@pytest.mark.s3
+def test_gc_dates_uploads_by_the_registry_and_says_what_the_server_cannot_do(
+    s3: S3, monkeypatch: pytest.MonkeyPatch, cli: Cli
+) -> None:
+    s3_env(monkeypatch, s3)
+    old = abandoned_upload(s3, "ab" * 32, 2 * 3600)  # a killed push's, two hours ago
+    young = abandoned_upload(s3, "cd" * 32, 0)  # a push in progress: moto dates both uploads 2010
+    old_key = f"blobs/sha256/ab/{'ab' * 32}?uploadId={old}"
+    young_key = f"blobs/sha256/cd/{'cd' * 32}?uploadId={young}"
+
+    dry = cli.ok("gc", "--dry-run", "--json")
+    removed, warnings = entries(dry.stdout)
+    if s3.kind == "moto":
+        assert removed == [("upload", old_key)] and warnings == {} and dry.stderr == ""
+    else:  # no ListMultipartUploads (501), no AbortMultipartUpload (405): said, not hidden
+        assert removed == [] and set(warnings) == {"uploads", old_key}
+        assert "ListMultipartUploads failed with HTTP 501 NotImplemented" in warnings["uploads"]
+        assert f"upload {old_key} could not be aborted: AbortMultipartUpload failed with HTTP 405" \
+            in warnings[old_key]
+        assert "parts remain on the server" in warnings[old_key]
+        assert "AbortIncompleteMultipartUpload" in warnings[old_key]
+        assert dry.stderr.splitlines() == [f"warning: {m}" for m in warnings.values()]
+    assert len(s3.uploads()) == 2  # a dry run changes nothing
+
+    done = cli.ok("gc", "--json")
+    assert entries(done.stdout) == (removed, warnings)  # the dry run said exactly what gc would do
+    markers = s3.keys(f"{S3_PREFIX}/uploads/")
+    if s3.kind == "moto":
+        assert [u["UploadId"] for u in s3.uploads()] == [young] and len(markers) == 1
+    else:
+        assert len(s3.uploads()) == 2 and len(markers) == 2  # kept: the next gc reports them again
+
+    # gc does everything else it can: an orphan blob goes, whatever the server lacks; exit 0.
+    orphan = "ef" * 32
+    s3.client.put_object(Bucket=s3.bucket, Key=s3.blob_key(orphan), Body=b"orphan")
+    time.sleep(2.2)
+    out = cli.ok("gc", "--grace", "2s")
+    assert f"removed blob {orphan}" in out.stdout
+    if s3.kind == "moto":
+        assert f"removed upload {young_key}" in out.stdout and out.stderr == ""
+        assert s3.uploads() == [] and s3.keys() == []
+    else:
+        assert f"warning: upload {young_key} could not be aborted" in out.stderr
+        assert s3.blob_keys() == []
+
+
 # -- S3: failures ---------------------------------------------------------------------------------
 
 
 @pytest.mark.s3
 def test_endpoint_stopped_mid_run(s3: S3, monkeypatch: pytest.MonkeyPatch, cli: Cli, tmp_path: Path) -> None:
-    server = S3Server()  # a server of this test's own, to stop (moto's data lives on in this process)
+    server = s3.server.spawn()  # a server of this test's own, to stop (over the same data)
     monkeypatch.setenv("REGISTRY_STORAGE", s3.url)
     monkeypatch.setenv("REGISTRY_STORAGE_OPTIONS", json.dumps({"endpoint_url": server.endpoint, **NO_RETRIES}))
     _, files, _ = model_files(tmp_path / "src")
@@ -383,7 +513,7 @@ def test_endpoint_stopped_mid_run(s3: S3, monkeypatch: pytest.MonkeyPatch, cli: 
         assert [v["version"] for v in json.loads(cli.ok("list", "m", "--json").stdout)] == [1]
     finally:
         server.stop()
-    restarted = S3Server(port=server.port)
+    restarted = s3.server.spawn(port=server.port)
     try:
         assert cli.ok("verify").stdout.strip() == "all artifacts verified"
         cli.ok("pull", "m", "-o", str(tmp_path / "m.pt"))
@@ -438,7 +568,7 @@ def test_endpoint_and_region_from_the_aws_environment(s3: S3, monkeypatch: pytes
 def test_secrets_are_never_shown_logged_or_stored(s3: S3, monkeypatch: pytest.MonkeyPatch, cli: Cli,
                                                   tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)  # moto accepts any credentials by default
-    s3_env(monkeypatch, s3, key="testing-key-id", secret=SECRET, token=SECRET + "-token")
+    s3_env(monkeypatch, s3, key=s3.server.credentials["AWS_ACCESS_KEY_ID"], secret=SECRET, token=SECRET + "-token")
     _, files, _ = model_files(tmp_path / "src")
     shown = [
         cli.ok("push", "m", str(files["full"]), "--json"),
@@ -567,9 +697,12 @@ def test_s3_defaults_fill_only_what_the_user_left_open() -> None:
 
     opts = remote.storage_options("s3://b/p", {"endpoint_url": "http://x"}, environ={})
     assert opts == {"endpoint_url": "http://x", "client_kwargs": {},
-                    "config_kwargs": {"retries": {"mode": "standard", "max_attempts": 3}}}
-    mine = {"config_kwargs": {"retries": {"max_attempts": 9}}}
-    assert remote.storage_options("s3://b", mine, environ={})["config_kwargs"] == mine["config_kwargs"]
+                    "config_kwargs": {"retries": {"mode": "standard", "total_max_attempts": 3},
+                                      "connect_timeout": 10.0, "read_timeout": 60.0}}
+    timed = remote.storage_options("s3://b/p", {}, environ={}, timeout=2.5)["config_kwargs"]
+    assert (timed["connect_timeout"], timed["read_timeout"]) == (2.5, 2.5)  # REGISTRY_TIMEOUT
+    mine = {"config_kwargs": {"retries": {"max_attempts": 9}, "connect_timeout": 1, "read_timeout": 7}}
+    assert remote.storage_options("s3://b", mine, environ={}, timeout=3)["config_kwargs"] == mine["config_kwargs"]
     assert "retries" not in remote.storage_options("s3://b", {}, environ={"AWS_MAX_ATTEMPTS": "7"})["config_kwargs"]
     region = remote.storage_options("s3://b", {}, environ={"AWS_REGION": "eu-west-1"})
     assert region["client_kwargs"] == {"region_name": "eu-west-1"}
