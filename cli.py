@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
-from registry.errors import RegistryError, SpecError
+from registry.errors import RegistryError, SpecError, printable
 
 F = TypeVar("F", bound=Callable[..., Any])
 #: Version numbers (and --limit/--before) as the database can hold them.
@@ -53,13 +53,18 @@ class RegistryGroup(click.Group):
         except RegistryError as e:
             if os.environ.get("REGISTRY_DEBUG"):
                 raise
-            # One line, always: a file name or a foreign message may carry a line break.
-            message = str(e).replace("\r", "\\r").replace("\n", "\\n")
-            click.echo(f"error: {message}", err=True)
+            # One line, always, and nothing the terminal would act on: a file name, a stored text or a
+            # foreign message may carry line breaks or escape sequences.
+            click.echo(f"error: {printable(str(e))}", err=True)
             ctx.exit(1)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted", err=True)
+        except KeyboardInterrupt as e:
+            # Notes say what the interruption left behind (a multipart upload that could not be aborted).
+            click.echo(printable("; ".join(["error: interrupted", *getattr(e, "__notes__", ())])), err=True)
             ctx.exit(130)
+        except SystemExit as e:
+            if getattr(e, "__notes__", None):  # SIGTERM (see _terminate), with something left behind
+                click.echo(printable("; ".join(["error: terminated", *e.__notes__])), err=True)
+            raise
 
 
 class State:
@@ -126,18 +131,25 @@ def json_option(f: F) -> F:
 def render(state: State, data: Any, human: Callable[[], None]) -> None:
     """The only output function: one JSON document, or the human-readable form."""
     if state.as_json:
-        click.echo(json.dumps(data, sort_keys=True, indent=2))
+        # ensure_ascii: control characters, U+2028/2029 and lone surrogates stay \u escapes.
+        click.echo(json.dumps(data, sort_keys=True, indent=2, ensure_ascii=True))
     else:
         human()
 
 
+def echo(text: str) -> None:
+    """One line of human-readable output; what it shows from users or the database is escaped."""
+    click.echo(printable(text))
+
+
 def lines_out(lines: Sequence[str]) -> None:
     for line in lines:
-        click.echo(line)
+        echo(line)
 
 
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> None:
-    cells = [[str(c) for c in header]] + [["-" if c is None else str(c) for c in row] for row in rows]
+    cells = [[printable(str(c)) for c in header]]
+    cells += [["-" if c is None else printable(str(c)) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for row in cells:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -181,10 +193,13 @@ def cli(ctx: click.Context, db: str | None, storage: str | None, as_json: bool, 
 @click.option("--example", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Example inputs (a tensor or tuple of tensors saved with torch.save): recorded with the "
                    "version as its signature, for 'registry check'.")
+@click.option("--trust-code", "--trust-pickle", "trust_code", is_flag=True,
+              help="Accept a whole-model pickle referencing classes outside the trusted modules, and let "
+                   "--example run a TorchScript program that is not data-only. Only if you trust its author.")
 @json_option
 @pass_state
 def push(state: State, name: str, file: Path, fmt: str, arch: Path | None, description: str | None,
-         tags: tuple[str, ...], alias: str | None, example: Path | None) -> None:
+         tags: tuple[str, ...], alias: str | None, example: Path | None, trust_code: bool) -> None:
     """Store FILE as the next version of model NAME."""
     spec = _read_spec(arch) if arch is not None else None
     example_inputs = _read_example(example) if example is not None else None
@@ -195,7 +210,8 @@ def push(state: State, name: str, file: Path, fmt: str, arch: Path | None, descr
             raise click.BadParameter(f"{tag!r} is not KEY=VALUE", param_hint="--tag")
         tag_map[key] = value
     mv = state.registry.push(name, file, format=None if fmt == "auto" else fmt, spec=spec,
-                             description=description, tags=tag_map, alias=alias, example_inputs=example_inputs)
+                             description=description, tags=tag_map, alias=alias, example_inputs=example_inputs,
+                             trust_code=trust_code)
     how = " (detected)" if fmt == "auto" else ""
     render(state, mv.to_json(), lambda: click.echo(
         f"{mv.ref}  {mv.format.value}{how}  {human_size(mv.size)}  sha256:{mv.sha256}"
@@ -216,7 +232,7 @@ def pull(state: State, ref: str, version: int | None, alias: str | None, output:
     reg = state.registry
     mv = reg.get(ref, version=version, alias=alias)
     path = reg.pull(mv.ref, dest=output, force=force)
-    render(state, {**mv.to_json(), "path": str(path)}, lambda: click.echo(str(path)))
+    render(state, {**mv.to_json(), "path": str(path)}, lambda: echo(str(path)))
 
 
 @cli.command(name="list")
@@ -262,9 +278,14 @@ def show(state: State, ref: str, version: int | None, alias: str | None) -> None
         rows += [(f"tag {k}", v) for k, v in sorted(mv.tags.items())]
         if mv.pickle_globals:
             rows.append(("pickle globals", ", ".join(mv.pickle_globals)))
+        if mv.operators:
+            rows.append(("operators", ", ".join(mv.operators)))
+        if mv.format.value in ("torchscript", "export"):
+            rows.append(("program", ("runs code (loading needs --trust-code): " + "; ".join(mv.code_problems))
+                         if mv.code_problems else "data-only (tensor operators only)"))
         for key, value in rows:
             if value:
-                click.echo(f"{key + ':':<16}{value}")
+                echo(f"{key + ':':<16}{value}")
         if mv.spec is not None:
             click.echo("spec:")
             click.echo(json.dumps(mv.spec, indent=2, sort_keys=True))
@@ -356,7 +377,7 @@ def verify(state: State, name: str | None) -> None:
         if state.as_json:
             found.append(problem.to_json())
         else:
-            click.echo(str(problem))
+            echo(str(problem))
     if state.as_json:
         render(state, found, lambda: None)
     elif not count:
@@ -370,15 +391,16 @@ def verify(state: State, name: str | None) -> None:
 @click.option("--version", type=VERSION, help="Version number (instead of NAME:N).")
 @click.option("--alias", help="Alias (instead of NAME@ALIAS).")
 @click.option("--device", help="Device for the weights (default cpu).")
-@click.option("--trust-pickle", is_flag=True,
-              help="Let a whole-model pickle import classes outside the trusted modules (runs their code).")
+@click.option("--trust-code", "--trust-pickle", "trust_code", is_flag=True,
+              help="Let the artifact run its author's code: a whole-model pickle importing classes outside the "
+                   "trusted modules, or a TorchScript program that is not data-only. Only if you trust its author.")
 @json_option
 @pass_state
 def load(state: State, ref: str, version: int | None, alias: str | None, device: str | None,
-         trust_pickle: bool) -> None:
+         trust_code: bool) -> None:
     """Verify and load REF in this process, and describe the module it gives."""
     info = state.registry.describe(ref, version=version, alias=alias, map_location=device,
-                                   trust_pickle=trust_pickle)
+                                   trust_code=trust_code)
     render(state, info, lambda: lines_out([
         f"{info['ref']}  {info['format']}  loaded as {info['class']}",
         f"parameters: {info['parameters']:,} ({human_size(info['parameter_bytes'])}, {info['dtypes']})",
@@ -402,9 +424,12 @@ def gc(state: State, grace: str, dry_run: bool) -> None:
     except ConfigError as e:
         raise click.BadParameter(str(e), param_hint="--grace") from None
     found = state.registry.gc(grace=grace_period, dry_run=dry_run)
+    # What gc could not do is not a failure of the command (everything else was done): say it on stderr.
+    for warning in found.warnings:
+        click.echo(f"warning: {printable(warning.message)}", err=True)
     verb = "would remove" if dry_run else "removed"
     lines = [f"{verb} {g.kind} {g.key} ({human_size(g.size)}, {g.age_seconds:.0f}s old)" for g in found]
-    render(state, [g.to_json() for g in found], lambda: lines_out(lines or [f"nothing to remove (grace {grace})"]))
+    render(state, found.to_json(), lambda: lines_out(lines or [f"nothing to remove (grace {grace})"]))
 
 
 @cli.group(cls=RegistryGroup)
@@ -428,7 +453,7 @@ def cache_info(state: State) -> None:
 def cache_clear(state: State) -> None:
     """Remove every cached artifact (later loads download them again)."""
     removed = state.registry.clear_cache()
-    render(state, removed.to_json(), lambda: click.echo(
+    render(state, removed.to_json(), lambda: echo(
         f"removed {removed.blobs} cached artifacts ({human_size(removed.bytes)}) from {removed.path}"))
 
 
@@ -490,15 +515,16 @@ def current(state: State) -> None:
 @click.option("--alias", help="Alias (instead of NAME@ALIAS).")
 @click.option("--rtol", type=TOLERANCE, help="Relative tolerance [default 1e-4].")
 @click.option("--atol", type=TOLERANCE, help="Absolute tolerance [default 1e-5].")
-@click.option("--trust-pickle", is_flag=True,
-              help="Let a whole-model pickle run code from untrusted classes (only if you trust its author).")
+@click.option("--trust-code", "--trust-pickle", "trust_code", is_flag=True,
+              help="Let the artifact run its author's code: a whole-model pickle importing classes outside the "
+                   "trusted modules, or a TorchScript program that is not data-only. Only if you trust its author.")
 @json_option
 @pass_state
 def check(state: State, ref: str, version: int | None, alias: str | None, rtol: float | None,
-          atol: float | None, trust_pickle: bool) -> None:
+          atol: float | None, trust_code: bool) -> None:
     """Run REF's recorded example and compare with the recorded outputs (exit 1 if they drifted)."""
     report = state.registry.check(ref, version=version, alias=alias, rtol=rtol, atol=atol,
-                                  trust_pickle=trust_pickle)
+                                  trust_code=trust_code)
     render(state, report.to_json(), lambda: lines_out(
         [f"{'ok   ' if o.ok else 'DRIFT'}  {o.path}: {o.detail}" for o in report.outputs] + [report.summary()]))
     if not report.ok:
@@ -516,17 +542,18 @@ def check(state: State, ref: str, version: int | None, alias: str | None, rtol: 
 @click.option("--rtol", type=TOLERANCE, help="Relative tolerance of the output check [default 1e-4].")
 @click.option("--atol", type=TOLERANCE, help="Absolute tolerance of the output check [default 1e-5].")
 @click.option("--description", help="Free text shown by 'registry show'.")
-@click.option("--trust-pickle", is_flag=True,
-              help="Let a whole-model pickle run code from untrusted classes (only if you trust its author).")
+@click.option("--trust-code", "--trust-pickle", "trust_code", is_flag=True,
+              help="Let the artifact run its author's code: a whole-model pickle importing classes outside the "
+                   "trusted modules, or a TorchScript program that is not data-only. Only if you trust its author.")
 @json_option
 @pass_state
 def convert(state: State, ref: str, to: str, example: Path | None, arch: Path | None, rtol: float | None,
-            atol: float | None, description: str | None, trust_pickle: bool) -> None:
+            atol: float | None, description: str | None, trust_code: bool) -> None:
     """Write REF in another format and push it as the model's next version (source: REF)."""
     spec = _read_spec(arch) if arch is not None else None
     example_inputs = _read_example(example) if example is not None else None
     mv = state.registry.convert(ref, to, example_inputs=example_inputs, spec=spec, rtol=rtol, atol=atol,
-                                description=description, trust_pickle=trust_pickle)
+                                description=description, trust_code=trust_code)
     checked = " (outputs checked against the signature)" if mv.signature is not None else ""
     render(state, mv.to_json(), lambda: click.echo(
         f"{mv.ref}  {mv.format.value}  from {mv.source}{checked}  {human_size(mv.size)}  sha256:{mv.sha256}"))
@@ -536,13 +563,14 @@ def convert(state: State, ref: str, to: str, example: Path | None, arch: Path | 
 @click.argument("ref_a")
 @click.argument("ref_b")
 @click.option("--exit-code", is_flag=True, help="Exit 1 when the versions differ (as git diff --exit-code).")
-@click.option("--trust-pickle", is_flag=True,
-              help="Let a whole-model pickle run code from untrusted classes (only if you trust its author).")
+@click.option("--trust-code", "--trust-pickle", "trust_code", is_flag=True,
+              help="Let the artifact run its author's code: a whole-model pickle importing classes outside the "
+                   "trusted modules, or a TorchScript program that is not data-only. Only if you trust its author.")
 @json_option
 @pass_state
-def diff(state: State, ref_a: str, ref_b: str, exit_code: bool, trust_pickle: bool) -> None:
+def diff(state: State, ref_a: str, ref_b: str, exit_code: bool, trust_code: bool) -> None:
     """Compare the parameters of two versions: spec, tensors added/removed/changed, max abs difference."""
-    report = state.registry.diff(ref_a, ref_b, trust_pickle=trust_pickle)
+    report = state.registry.diff(ref_a, ref_b, trust_code=trust_code)
     render(state, report.to_json(), lambda: lines_out(report.lines()))
     if exit_code and not report.identical:
         sys.exit(1)
@@ -559,6 +587,8 @@ def _read_spec(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SpecError(f"spec file {str(path)!r} does not exist") from None
+    except RecursionError:  # json's decoder recurses per level; spec.validate bounds what parses
+        raise SpecError(f"spec file {str(path)!r} nests too deeply to be an architecture spec") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SpecError(f"spec file {str(path)!r} is not valid JSON: {e}") from e
 

@@ -14,17 +14,32 @@ from registry.errors import (
     IntegrityError,
     InvalidName,
     InvalidReference,
+    InvalidText,
     NotFound,
     RegistryError,
     SpecError,
     StorageError,
+    UntrustedCode,
     UntrustedPickle,
     UntrustedTarget,
 )
-from registry.records import AliasEvent, CacheInfo, Format, Garbage, ModelSummary, ModelVersion, Problem
+from registry.records import (
+    AliasEvent,
+    CacheInfo,
+    Format,
+    Garbage,
+    GcResult,
+    GcWarning,
+    ModelSummary,
+    ModelVersion,
+    Problem,
+    SchemaInfo,
+)
 
 if TYPE_CHECKING:
     from registry.api import Registry
+    from registry.diff import DiffReport
+    from registry.signature import CheckReport
     from registry.spec import record_init
 
 __all__ = [
@@ -33,22 +48,29 @@ __all__ = [
     "AliasInUse",
     "AlreadyExists",
     "CacheInfo",
+    "CheckReport",
     "ConfigError",
     "DatabaseError",
+    "DiffReport",
     "Format",
     "FormatError",
     "Garbage",
+    "GcResult",
+    "GcWarning",
     "IntegrityError",
     "InvalidName",
     "InvalidReference",
+    "InvalidText",
     "ModelSummary",
     "ModelVersion",
     "NotFound",
     "Problem",
     "Registry",
     "RegistryError",
+    "SchemaInfo",
     "SpecError",
     "StorageError",
+    "UntrustedCode",
     "UntrustedPickle",
     "UntrustedTarget",
     "record_init",
@@ -61,6 +83,14 @@ def __getattr__(name: str) -> Any:
         from registry.api import Registry
 
         return Registry
+    if name == "CheckReport":
+        from registry.signature import CheckReport
+
+        return CheckReport
+    if name == "DiffReport":
+        from registry.diff import DiffReport
+
+        return DiffReport
     if name == "record_init":
         from registry.spec import record_init
 

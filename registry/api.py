@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,15 +22,18 @@ from registry.errors import (
     AliasConflict,
     AliasInUse,
     AlreadyExists,
+    DatabaseError,
     FormatError,
+    InvalidText,
     NotFound,
     SpecError,
     StorageError,
 )
 from registry.models import Alias, AliasEvent, Model, Version
 from registry.records import AliasEvent as AliasEventRecord
-from registry.records import Format, Garbage, ModelSummary, ModelVersion, Problem
-from registry.refs import parse_ref, validate_name
+from registry.records import Format, Garbage, GcResult, GcWarning, ModelSummary, ModelVersion, Problem, SchemaInfo
+from registry.refs import parse_ref, validate_name, validate_text
+from registry.uploads import LIFECYCLE_HINT
 
 if TYPE_CHECKING:
     import torch
@@ -92,7 +96,7 @@ class Registry:
         )
         self._progress = progress
         self._cache: BlobCache | None = None
-        self._engine = database.make_engine(self.settings.db_url)
+        self._engine = database.make_engine(self.settings.db_url, timeout=self.settings.timeout)
         self._reader = database.sessions(self._engine)
         self._writer = database.sessions(database.writer(self._engine))
         self._store: BlobStore | None = None
@@ -106,7 +110,8 @@ class Registry:
             from registry.verified import VerifiedFiles
 
             self._store = BlobStore(self.settings.storage_url, self.settings.storage_options,
-                                    progress=self._progress, verified=VerifiedFiles(self.settings.home / "verified"))
+                                    progress=self._progress, verified=VerifiedFiles(self.settings.home / "verified"),
+                                    timeout=self.settings.timeout)
         return self._store
 
     @property
@@ -144,6 +149,7 @@ class Registry:
         alias: str | None = None,
         example_inputs: Any = None,
         dynamic_shapes: Any = None,
+        trust_code: bool = False,
     ) -> ModelVersion:
         """Store a model or a model file as the next version of ``name``.
 
@@ -162,15 +168,19 @@ class Registry:
                 the outputs (see :meth:`check`). For ``format="export"`` also what the module is
                 traced with (required there).
             dynamic_shapes: passed to ``torch.export.export`` (``export`` only).
+            trust_code: accept a whole-model pickle that references classes or functions outside the
+                trusted modules (never plainly dangerous ones such as ``os.system``), and let
+                ``example_inputs`` run a TorchScript program that is not data-only.
 
         Returns:
             The new version's record.
 
         Raises:
-            InvalidName, FormatError, SpecError, UntrustedTarget, UntrustedPickle, StorageError.
+            InvalidName, InvalidText, FormatError, SpecError, UntrustedTarget, UntrustedPickle, StorageError.
         """
         return self._push(name, source, format=format, spec=spec, description=description, tags=tags,
-                          alias=alias, example_inputs=example_inputs, dynamic_shapes=dynamic_shapes)
+                          alias=alias, example_inputs=example_inputs, dynamic_shapes=dynamic_shapes,
+                          trust_code=trust_code)
 
     def _push(
         self,
@@ -189,6 +199,7 @@ class Registry:
         expected: ModelVersion | None = None,
         rtol: float = 0.0,
         atol: float = 0.0,
+        trust_code: bool = False,
     ) -> ModelVersion:
         """:meth:`push`, plus what :meth:`convert` needs: the version it came from, whose signature
         the new artifact must reproduce (``expected``), and separate inputs to trace an export with."""
@@ -197,8 +208,8 @@ class Registry:
             validate_name(alias, kind="alias")
         tag_map = _check_tags(tags)
         fmt = _format(format)
-        if description is not None and not isinstance(description, str):
-            raise SpecError("description must be a string")
+        if description is not None:
+            validate_text(description, "description", multiline=True)
         from registry.sources import FileSource, ModuleSource, recheck
 
         inputs = None
@@ -211,12 +222,21 @@ class Registry:
         else:
             trace = trace_inputs if trace_inputs is not None else inputs
             stager = ModuleSource(source, self.store, example_inputs=trace, dynamic_shapes=dynamic_shapes)
+        live_outputs: Any = None
+        if inputs is not None and expected is None and not isinstance(stager, FileSource):
+            from registry import signature
+
+            # The signature is the live model's behaviour, taken before anything is written: a
+            # reload that differs must fail check(), not define what check() expects.
+            live_outputs = signature.run_live(source, inputs, what=f"the model pushed as {name}")
         with stager:
-            fmt, spec_dict, detected = stager.prepare(fmt, spec, self.settings.trusted_modules)
+            fmt, spec_dict, detected, program = stager.prepare(fmt, spec, self.settings.trusted_modules,
+                                                               trust_code=trust_code)
             recorded: tuple[dict[str, Any], bytes] | None = None
             if inputs is not None:
                 recorded = self._record_signature(name, stager.artifact_path, fmt, spec_dict, inputs,
-                                                  expected=expected, rtol=rtol, atol=atol)
+                                                  expected=expected, rtol=rtol, atol=atol, trust_code=trust_code,
+                                                  outputs=live_outputs)
             with self._session():  # the input is valid: reach the database before anything is stored
                 pass
             for _ in range(PUSH_ATTEMPTS):
@@ -224,11 +244,14 @@ class Registry:
                 if self.store.local:
                     # What was checked must be what was stored: a file rewritten between the
                     # check and the copy is refused (its blob is left for gc).
-                    recheck(Path(self.store.key(blob.sha256)), detected, source)
+                    try:
+                        recheck(Path(self.store.key(blob.sha256)), detected, source)
+                    except FileNotFoundError:
+                        continue  # a concurrent gc or delete took the blob before our lock: store it again
                 _testhooks.pause("uploaded")
                 record = self._commit_version(
                     name, blob, fmt, spec_dict, detected.globals_, description, tag_map, alias,
-                    signature=recorded, source=lineage,
+                    signature=recorded, source=lineage, program=program,
                 )
                 if record is not None:
                     return record
@@ -250,31 +273,40 @@ class Registry:
         *,
         signature: tuple[dict[str, Any], bytes] | None = None,
         source: str | None = None,
+        program: dict[str, list[str]] | None = None,
     ) -> ModelVersion | None:
         """Insert the version row; None if the blob vanished meanwhile (a racing delete)."""
         now = _now()
+        example: tuple[str, bytes] | None = None
+        if signature is not None:
+            example = (signature[0]["example"]["sha256"], signature[1])
+        example_sha = example[0] if example is not None else None
+        # Bytes that were already stored may be an orphan older than gc's grace: make them young
+        # (local storage) before taking the lock, so a gc that listed them re-checks their age under
+        # the lock and keeps them. Remote storage cannot touch; there the check below stores again.
+        for sha in filter(None, (example_sha, None if blob.written else blob.sha256)):
+            self.store.touch(sha)
         with self._session(write=True) as s:
-            example_sha = None
-            if signature is not None:
-                # Under the lock gc and delete take: once stored here, the example blob stays.
-                example_sha = signature[0]["example"]["sha256"]
-                queries.lock_blob(s, example_sha)
-                if not self.store.exists(example_sha):
-                    self._put_bytes(signature[1])
+            # Each blob is checked (and stored again if gone) holding the lock gc takes to remove it,
+            # so once seen here it stays until this transaction ends: gc then finds our row.
+            if example is not None:
+                queries.lock_blob(s, example[0])
+                if not self.store.exists(example[0]):
+                    self._put_bytes(example[1])
             queries.lock_blob(s, blob.sha256)
             # Checked even for a blob this push just wrote: a `gc --grace 0` may have removed it as an
-            # orphan before we took the lock. Under the lock, gc re-checks for our row, so once we see
-            # the blob here it stays until we commit (or roll back).
+            # orphan before we took the lock.
             if not self.store.exists(blob.sha256):
                 s.rollback()
                 return None
+            _testhooks.pause("checked")
             model_id, number = queries.next_version(s, name, now)
             row = Version(
                 model_id=model_id, version=number, format=fmt, sha256=blob.sha256, size=blob.size,
                 spec=spec, pickle_globals=list(globals_), description=description, tags=tags,
                 created_at=now, created_by=self.settings.user, torch_version=_torch_version(),
                 python_version=platform.python_version(), source=source,
-                signature=signature[0] if signature else None, example_sha256=example_sha,
+                signature=signature[0] if signature else None, example_sha256=example_sha, program=program,
             )
             s.add(row)
             s.flush()
@@ -383,6 +415,7 @@ class Registry:
         version: int | None = None,
         alias: str | None = None,
         map_location: str | torch.device | None = None,
+        trust_code: bool = False,
         trust_pickle: bool = False,
     ) -> torch.nn.Module:
         """Load a version as an ``nn.Module`` in eval() mode, after verifying its bytes.
@@ -392,8 +425,11 @@ class Registry:
 
         Args:
             map_location: device for the weights (default CPU).
-            trust_pickle: allow a whole-model pickle that references untrusted classes to run
-                their code. Only for artifacts whose author you trust.
+            trust_code: let the artifact run code its author wrote: a whole-model pickle referencing
+                classes outside the trusted modules, or a TorchScript program that is not data-only
+                (custom ``__setstate__``, operators with file, process or library effects). Only
+                for artifacts whose author you trust.
+            trust_pickle: the older name of ``trust_code``; either one is enough.
 
         Raises:
             NotFound, IntegrityError, UntrustedPickle, UntrustedTarget, SpecError, FormatError.
@@ -401,11 +437,11 @@ class Registry:
         from registry import formats
 
         mv = self.get(ref, version=version, alias=alias)
-        path = self._blob_path(mv.sha256, mv.size, artifact=mv.ref, name=mv.name)
-        return formats.load(
-            path, mv.format, spec=mv.spec, trusted=self.settings.trusted_modules,
-            map_location=map_location, trust_pickle=trust_pickle, artifact=mv.ref,
-        )
+        with self._open_blob(mv.sha256, mv.size, artifact=mv.ref, name=mv.name) as path:
+            return formats.load(
+                path, mv.format, spec=mv.spec, trusted=self.settings.trusted_modules,
+                map_location=map_location, trust_code=trust_code or trust_pickle, artifact=mv.ref,
+            )
 
     def describe(
         self,
@@ -414,11 +450,12 @@ class Registry:
         version: int | None = None,
         alias: str | None = None,
         map_location: str | None = None,
+        trust_code: bool = False,
         trust_pickle: bool = False,
     ) -> dict[str, Any]:
         """Load a version and summarise the module: class, parameter count and bytes, dtypes, device."""
         mv = self.get(ref, version=version, alias=alias)
-        module = self.load(mv.ref, map_location=map_location, trust_pickle=trust_pickle)
+        module = self.load(mv.ref, map_location=map_location, trust_code=trust_code or trust_pickle)
         params = list(module.parameters())
         return {
             "ref": mv.ref, "format": mv.format.value, "class": type(module).__qualname__,
@@ -445,10 +482,12 @@ class Registry:
             expect: move only if the alias now points at this version (None: at nothing).
 
         Raises:
-            NotFound, InvalidName, AliasConflict.
+            NotFound, InvalidName, InvalidText (a reason that is not printable text), AliasConflict.
         """
         name = validate_name(name)
         validate_name(to, kind="alias")
+        if reason is not None:
+            validate_text(reason, "reason")
         parsed = parse_ref(name, version=version)
         with self._session(write=True) as s:
             model = queries.get_model(s, name, lock=True)
@@ -463,6 +502,8 @@ class Registry:
         """
         name = validate_name(name)
         validate_name(alias, kind="alias")
+        if reason is not None:
+            validate_text(reason, "reason")
         with self._session(write=True) as s:
             model = queries.get_model(s, name, lock=True)
             current = s.get(Alias, (model.id, alias))
@@ -538,50 +579,84 @@ class Registry:
                 pass
         return record
 
-    def _remove_blob_if_unused(self, sha256: str) -> bool:
-        """Delete a blob no version references, holding the lock a push takes before committing."""
+    def _remove_blob_if_unused(self, sha256: str, *, cutoff: float | None = None) -> bool:
+        """Delete a blob no version references, holding the lock a push takes to check and reference it.
+
+        With ``cutoff`` (gc), only a blob still last modified at or before it: a push touches the bytes
+        it reuses before taking the lock. False if the blob stays (or was already gone).
+        """
+        _testhooks.pause("removing")
         with self._session(write=True) as s:
             queries.lock_blob(s, sha256)
             users = select(Version.id).where(or_(Version.sha256 == sha256, Version.example_sha256 == sha256))
             if s.scalar(users.limit(1)) is not None:
                 return False
+            if cutoff is not None:
+                info = self.store.stat(sha256)
+                if info is None or info.mtime > cutoff:
+                    return False
             self.store.delete(sha256)
             return True
 
-    def gc(self, *, grace: timedelta = DEFAULT_GRACE, dry_run: bool = False) -> list[Garbage]:
+    def gc(self, *, grace: timedelta = DEFAULT_GRACE, dry_run: bool = False) -> GcResult:
         """Remove blobs no version uses, and what killed pushes left behind, older than ``grace``.
 
         What killed pushes leave: staging files (local storage) and incomplete multipart uploads
-        under the registry's prefix (S3), which S3 keeps and bills until they are aborted.
+        under the registry's prefix (S3), which S3 keeps and bills until they are aborted. An upload
+        is dated by the marker the registry wrote when it started it, so a running push's upload is
+        never aborted while it is younger than ``grace``, whatever date the server reports.
         The grace period protects pushes in progress: their blob is written before their version
         row. A blob is removed only after re-checking, under the lock a committing push takes,
-        that no version references it.
+        that no version references it and that it is still older than ``grace`` (a push touches
+        the local bytes it reuses before taking that lock).
+
+        Everything is listed before anything is removed, so a failed listing changes nothing. After
+        that, what cannot be done (an operation the server lacks, an upload it will not abort, a
+        removal that fails) becomes a warning, and gc goes on with the rest.
 
         Returns:
-            What was removed (with ``dry_run``: what would be).
+            What was removed (with ``dry_run``: what would be), and ``warnings``: what was not.
         """
         cutoff = (_now() - grace).timestamp()
         now = _now().timestamp()
         with self._session() as s:
             used = set(s.scalars(select(Version.sha256).distinct()))
             used |= set(s.scalars(select(Version.example_sha256).where(Version.example_sha256.is_not(None)).distinct()))
-        found: list[Garbage] = []
-        for blob in self.store.iter_blobs():
-            if blob.sha256 not in used and blob.mtime <= cutoff:
-                if dry_run or self._remove_blob_if_unused(blob.sha256):
-                    found.append(Garbage("blob", blob.sha256, blob.size, now - blob.mtime))
-        for part in self.store.iter_partials():
-            if part.mtime <= cutoff:
-                if not dry_run:
-                    self.store.delete_partial(part.sha256)
-                found.append(Garbage("partial", part.sha256, part.size, now - part.mtime))
-        for upload in self.store.iter_uploads():  # S3 keeps (and bills) incomplete multipart uploads
-            if upload.initiated <= cutoff:
-                if not dry_run:
-                    self.store.abort_upload(upload)
-                key = f"{self.store.relative(upload.key)}?uploadId={upload.upload_id}"
-                found.append(Garbage("upload", key, upload.size, now - upload.initiated))
-        return found
+        blobs = [b for b in self.store.iter_blobs() if b.sha256 not in used and b.mtime <= cutoff]
+        partials = [p for p in self.store.iter_partials() if p.mtime <= cutoff]
+        scan = self.store.scan_uploads(cutoff)
+        result = GcResult(warnings=[GcWarning("uploads", w) for w in scan.warnings])
+
+        def attempt(key: str, action: Callable[[], object]) -> bool:
+            """Whether ``action()`` removed ``key``; a failure (others may be gone already) becomes a warning."""
+            try:
+                return action() is not False
+            except (StorageError, DatabaseError) as e:
+                result.warnings.append(GcWarning(key, f"could not remove {key}: {e}"))
+                return False
+
+        for blob in blobs:
+            # The listing is stale once the lock is held: use and age are re-checked there.
+            if dry_run or attempt(blob.sha256, partial(self._remove_blob_if_unused, blob.sha256, cutoff=cutoff)):
+                result.append(Garbage("blob", blob.sha256, blob.size, now - blob.mtime))
+        for part in partials:
+            if dry_run or attempt(part.sha256, partial(self.store.delete_partial, part.sha256)):
+                result.append(Garbage("partial", part.sha256, part.size, now - part.mtime))
+        # A dry run asks the server whether it aborts uploads at all, so it can say what gc would do.
+        cannot_abort = self.store.can_abort_uploads() if dry_run and scan.old else None
+        for upload in scan.old:
+            key = f"{self.store.relative(upload.key)}?uploadId={upload.upload_id}"
+            failure = cannot_abort if dry_run else self.store.abort_upload(upload)
+            if failure is None:
+                result.append(Garbage("upload", key, upload.size, now - upload.started))
+            else:
+                result.warnings.append(GcWarning(key, (
+                    f"upload {key} could not be aborted: {failure}; up to {upload.size} bytes of parts remain "
+                    f"on the server; {LIFECYCLE_HINT}")))
+        if not dry_run:
+            for marker in scan.stale_markers:  # bookkeeping of uploads already gone: not reported
+                attempt(self.store.relative(marker), partial(self.store.forget_marker, marker))
+        return result
 
     def verify(self, name: str | None = None) -> list[Problem]:
         """Re-hash every stored artifact (of ``name``, or all); returns what is missing or corrupt."""
@@ -674,8 +749,10 @@ class Registry:
             raise FormatError(f"{mv.ref} has no recorded signature; push it with --example FILE "
                               "(example_inputs=) to record one")
         size = int(mv.signature["example"]["size"])
-        path = self._blob_path(mv.example_sha256, size, artifact=f"the example inputs of {mv.ref}", name=mv.name)
-        return signature.load_example(path.read_bytes(), what=mv.ref)
+        with self._open_blob(mv.example_sha256, size, artifact=f"the example inputs of {mv.ref}",
+                             name=mv.name) as path:
+            signature.vet_example(path, what=f"the example inputs of {mv.ref}")
+            return signature.load_example(path.read_bytes(), what=mv.ref)
 
     def check(
         self,
@@ -685,6 +762,7 @@ class Registry:
         alias: str | None = None,
         rtol: float | None = None,
         atol: float | None = None,
+        trust_code: bool = False,
         trust_pickle: bool = False,
     ) -> CheckReport:
         """Load a version, run its recorded example inputs and compare with the recorded outputs.
@@ -707,7 +785,7 @@ class Registry:
         mv = self.get(ref, version=version, alias=alias)
         inputs = self.example_inputs(mv.ref)
         assert mv.signature is not None  # example_inputs() raised otherwise
-        module = self.load(mv.ref, trust_pickle=trust_pickle)
+        module = self.load(mv.ref, trust_code=trust_code or trust_pickle)
         outputs = signature.run(module, inputs, what=mv.ref)
         return signature.compare(mv.ref, mv.signature, outputs, rtol=rtol, atol=atol)
 
@@ -722,6 +800,7 @@ class Registry:
         spec: Mapping[str, Any] | None = None,
         rtol: float | None = None,
         atol: float | None = None,
+        trust_code: bool = False,
         trust_pickle: bool = False,
         description: str | None = None,
     ) -> ModelVersion:
@@ -756,15 +835,15 @@ class Registry:
         if target is Format.EXPORT and trace is None:
             raise conversions.missing_example(mv)
         new_spec = conversions.spec_for(mv, target, spec)
-        module = self.load(mv.ref, trust_pickle=trust_pickle)
+        module = self.load(mv.ref, trust_code=trust_code or trust_pickle)
         return self._push(
             mv.name, module, format=target, spec=new_spec, description=description, tags=None, alias=None,
             example_inputs=recorded if recorded is not None else given, dynamic_shapes=None,
             trace_inputs=trace, lineage=mv.ref, expected=mv if recorded is not None else None,
-            rtol=rtol, atol=atol,
+            rtol=rtol, atol=atol, trust_code=trust_code or trust_pickle,
         )
 
-    def diff(self, ref_a: str, ref_b: str, *, trust_pickle: bool = False) -> DiffReport:
+    def diff(self, ref_a: str, ref_b: str, *, trust_code: bool = False, trust_pickle: bool = False) -> DiffReport:
         """Compare the parameters of two versions (any formats) through memory maps, one tensor pair at a time.
 
         Returns:
@@ -779,19 +858,22 @@ class Registry:
         from registry import diff as differ
 
         a, b = self.get(ref_a), self.get(ref_b)
-        with tempfile.TemporaryDirectory(prefix="registry-diff-") as tmp:
-            side_a = self._diff_side(a, Path(tmp) / "a.safetensors", trust_pickle)
-            side_b = self._diff_side(b, Path(tmp) / "b.safetensors", trust_pickle)
+        trust = trust_code or trust_pickle
+        with tempfile.TemporaryDirectory(prefix="registry-diff-") as tmp, ExitStack() as held:
+            side_a = self._diff_side(a, Path(tmp) / "a.safetensors", trust, held)
+            side_b = self._diff_side(b, Path(tmp) / "b.safetensors", trust, held)
             return differ.compare(side_a, side_b, trusted=self.settings.trusted_modules)
 
-    def _diff_side(self, mv: ModelVersion, scratch: Path, trust_pickle: bool) -> DiffSide:
+    def _diff_side(self, mv: ModelVersion, scratch: Path, trust_code: bool, held: ExitStack) -> DiffSide:
         from registry import diff as differ
+        from registry import formats
 
         if mv.format in (Format.STATE_DICT, Format.SAFETENSORS):
-            path = self._blob_path(mv.sha256, mv.size, artifact=mv.ref, name=mv.name)
+            path = held.enter_context(self._open_blob(mv.sha256, mv.size, artifact=mv.ref, name=mv.name))
+            formats.vet(path, mv.format, artifact=mv.ref, trust_code=trust_code)
             return differ.Side(mv.ref, path, mv.format, mv.spec)
         # No mappable tensor file: load this one model alone, write its tensors out, let it go.
-        module = self.load(mv.ref, trust_pickle=trust_pickle)
+        module = self.load(mv.ref, trust_code=trust_code)
         spec = mv.spec
         if mv.format is Format.FULL:
             from registry import spec as spec_mod
@@ -806,16 +888,28 @@ class Registry:
 
     def _record_signature(
         self, name: str, path: Path, fmt: Format, spec: Mapping[str, Any] | None, inputs: tuple[torch.Tensor, ...],
-        *, expected: ModelVersion | None, rtol: float, atol: float,
+        *, expected: ModelVersion | None, rtol: float, atol: float, trust_code: bool = False, outputs: Any = None,
     ) -> tuple[dict[str, Any], bytes]:
-        """Load the artifact about to be pushed, run the example, and describe it (plus the example's bytes)."""
+        """Describe the example and the outputs (plus the example's bytes): the live model's ``outputs`` when
+        given, else those of the artifact about to be pushed, loaded (a file push, or a conversion)."""
         import hashlib
 
         from registry import formats, signature
 
         what = f"the new version of {name}"
-        module = formats.load(path, fmt, spec=spec, trusted=self.settings.trusted_modules, artifact=what)
-        outputs = signature.run(module, inputs, what=what)
+        if outputs is None or fmt in (Format.TORCHSCRIPT, Format.EXPORT):
+            # A program is code torch generated from the model: run it too, and refuse one that breaks.
+            module = formats.load(path, fmt, spec=spec, trusted=self.settings.trusted_modules, artifact=what,
+                                  trust_code=trust_code)
+            ran = signature.run(module, inputs, what=what)
+            if outputs is not None:
+                live = signature.record(inputs, outputs)
+                report = signature.compare(what, live, ran)
+                if not report.ok:
+                    bad = "; ".join(f"{o.path}: {o.detail}" for o in report.outputs if not o.ok)
+                    raise FormatError(f"the {fmt.value} program of {name} does not reproduce the live model's "
+                                      f"outputs: {bad}; nothing was pushed (push as state_dict or full)")
+            outputs = ran if outputs is None else outputs
         if expected is not None and expected.signature is not None:
             report = signature.compare(expected.ref, expected.signature, outputs, rtol=rtol, atol=atol)
             if not report.ok:
@@ -844,11 +938,40 @@ class Registry:
             path.write_bytes(data)
             return self.store.put_file(path)
 
-    def _blob_path(self, sha256: str, size: int, *, artifact: str, name: str | None) -> Path:
-        """A local file with the verified bytes of a blob (the cache's copy for remote storage)."""
+    @contextmanager
+    def _open_blob(self, sha256: str, size: int, *, artifact: str, name: str | None) -> Iterator[Path]:
+        """The verified bytes of a blob, as a path bound to one open descriptor (see :mod:`registry.blobfile`).
+
+        Remote blobs are read from the local cache. Whatever is deserialised must be read through this
+        path while the block is open: it is the file that was verified, whatever happens to the blob's name.
+        """
         if self.store.local:
-            return self.store.local_path(sha256, size, artifact=artifact, name=name)
-        return self.cache.path(self.store, sha256, size, artifact=artifact, name=name)
+            with self.store.open_verified(sha256, size, artifact=artifact, name=name) as path:
+                yield path
+        else:
+            with self.cache.open_verified(self.store, sha256, size, artifact=artifact, name=name) as path:
+                yield path
+
+    # -- the schema ---------------------------------------------------------------------------
+
+    def schema(self) -> SchemaInfo:
+        """The database's schema revision, read without migrating it (one query)."""
+        return SchemaInfo(database.current(self._engine), database.SCHEMA_HEAD)
+
+    def migrate(self, revision: str = "head", *, down: bool = False) -> SchemaInfo:
+        """Move the schema up (or, with ``down``, down) to ``revision`` with Alembic; ``base`` empties it.
+
+        Not safe while other processes use the registry (see the README). Returns the revision reached.
+
+        Raises:
+            ConfigError: unknown revision. DatabaseError: the database failed.
+        """
+        if down:
+            database.downgrade(self._engine, revision)
+        else:
+            database.upgrade(self._engine, revision)
+        self._schema_ready = False  # a later call must not assume the schema it found before
+        return self.schema()
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -893,9 +1016,9 @@ def _format(value: Format | str | None) -> Format | None:
 def _check_tags(tags: Mapping[str, str] | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in (tags or {}).items():
-        if not isinstance(key, str) or not key or len(key) > 128 or not isinstance(value, str):
-            raise SpecError(f"invalid tag {key!r}={value!r}: keys and values are strings, keys 1-128 characters")
-        out[key] = value
+        if validate_text(key, "tag key", max_length=128) == "":
+            raise InvalidText("tag key", key, "must not be empty")
+        out[key] = validate_text(value, f"value of tag {key!r}")
     return out
 
 

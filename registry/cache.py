@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from registry import blobfile
 from registry.errors import IntegrityError, StorageError
 from registry.records import CacheInfo
 from registry.store import BlobStore, ProgressFactory
@@ -35,18 +38,35 @@ class BlobCache:
     @property
     def local(self) -> BlobStore:
         if self._local is None:
+            try:  # private to its user, like the verification records that vouch for its files
+                self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            except OSError as e:
+                raise StorageError(f"cannot create the cache {self.root}: {e.strerror or e}", url=str(self.root)) from e
             self._local = BlobStore(str(self.root), progress=self._progress, verified=self._verified)
         return self._local
 
-    def path(self, remote: BlobStore, sha256: str, size: int, *, artifact: str, name: str | None = None) -> Path:
-        """A local file holding the verified bytes of ``sha256``, downloading them if not cached (or damaged)."""
+    @contextmanager
+    def open_verified(self, remote: BlobStore, sha256: str, size: int, *, artifact: str,
+                      name: str | None = None) -> Iterator[Path]:
+        """The verified bytes of ``sha256`` from the cache, downloading them first if absent or damaged.
+
+        Yields a path bound to one open descriptor, as :meth:`BlobStore.open_verified` does.
+        """
+        held = ExitStack()
         try:
-            return self.local.local_path(sha256, size, artifact=artifact, name=name)
+            path = held.enter_context(self.local.open_verified(sha256, size, artifact=artifact, name=name))
         except IntegrityError:
             self.local.delete(sha256)  # damaged since it was cached: discard and fetch again
-        except StorageError:
-            pass  # not cached yet
-        return self._fetch(remote, sha256, size, artifact=artifact, name=name)
+        except StorageError as e:
+            if not isinstance(e.__cause__, FileNotFoundError):
+                raise
+        else:
+            with held:
+                yield path
+            return
+        self._fetch(remote, sha256, size, artifact=artifact, name=name)
+        with self.local.open_verified(sha256, size, artifact=artifact, name=name) as path:
+            yield path
 
     def copy_to(self, remote: BlobStore, sha256: str, size: int, dest: Path, *, artifact: str,
                 name: str | None = None, overwrite: bool = False) -> Path:
@@ -84,6 +104,7 @@ class BlobCache:
             if actual != sha256:
                 raise IntegrityError(artifact, sha256, actual, name=name)
             try:
+                os.chmod(tmp, blobfile.BLOB_MODE)
                 final.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(tmp, final)  # atomic: a concurrent reader sees no file or the verified one
             except OSError as e:

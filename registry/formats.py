@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import pickle
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -10,8 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from registry import spec as spec_mod
-from registry.errors import FormatError, UntrustedPickle, one_line
+from registry import pickles
+from registry.errors import FormatError, UntrustedCode, UntrustedPickle, one_line
 from registry.records import Format
 from registry.trust import components, has_dunder, is_trusted
 
@@ -102,6 +103,34 @@ def meta_tensors(path: Path, fmt: Format) -> dict[str, torch.Tensor]:
     return meta_state_dict(path)
 
 
+def vet(path: Path, fmt: Format, *, artifact: str, trust_code: bool = False) -> pickles.Detected:
+    """Check, from the bytes alone, that what is about to be deserialised is the recorded format and runs nothing.
+
+    Run on the very file the loader reads (see :mod:`registry.blobfile`), at every load: the archive
+    must be unambiguous (one reading for every zip reader), its pickles are scanned again, a
+    TorchScript program must be data-only unless ``trust_code``, and a ``.pt2`` must pass
+    :func:`registry.pt2.vet` (no flag lifts that: ``torch.export.load`` unpickles without restriction).
+
+    Raises:
+        FormatError, UntrustedPickle, UntrustedCode.
+    """
+    detected = pickles.detect(path, label=artifact)
+    if detected.format is not fmt:
+        raise FormatError(f"{artifact} is recorded as {fmt.value} but its bytes are {detected.format.value}; "
+                          "refused (the stored artifact does not match its record)")
+    if fmt is Format.TORCHSCRIPT and not trust_code:
+        from registry import programs
+
+        report = programs.vet_torchscript(path, artifact)
+        if report.problems:
+            raise UntrustedCode(artifact, report.problems)
+    elif fmt is Format.EXPORT:
+        from registry import pt2
+
+        pt2.vet(path, label=artifact, detected=detected)
+    return detected
+
+
 def load(
     path: Path,
     fmt: Format,
@@ -109,17 +138,19 @@ def load(
     spec: Mapping[str, Any] | None,
     trusted: Sequence[str],
     map_location: str | torch.device | None = None,
-    trust_pickle: bool = False,
+    trust_code: bool = False,
     artifact: str,
 ) -> torch.nn.Module:
-    """Deserialise verified bytes into a module in eval() mode.
+    """Vet, then deserialise verified bytes into a module in eval() mode.
 
-    Nothing here unpickles arbitrary code: state_dicts load with ``weights_only=True``; whole
-    models load with ``weights_only=True`` plus the trusted globals they reference, unless
-    ``trust_pickle`` is given explicitly. A failed safe load never falls back to an unsafe one.
+    Nothing here runs code from the artifact: state_dicts load with ``weights_only=True``; whole
+    models load with ``weights_only=True`` plus the trusted globals they reference; TorchScript only
+    when its program is data-only (see :func:`vet`) -- unless ``trust_code`` is given explicitly. A
+    failed safe load never falls back to an unsafe one.
     """
     import torch
 
+    vet(path, fmt, artifact=artifact, trust_code=trust_code)
     location = map_location if map_location is not None else "cpu"
     if fmt is Format.EXPORT:
         from registry import exporting
@@ -143,11 +174,11 @@ def load(
                                   hint="a state_dict holds only tensors; push it again from a trusted copy") from e
         except Exception as e:
             raise FormatError(f"cannot load {artifact}: {one_line(e)}") from e
-        module = spec_mod.build_with_weights(
-            spec, _as_state_dict(obj, artifact), trusted, device=map_location
-        )
+        from registry import weights
+
+        module = weights.rebuild(spec, _as_state_dict(obj, artifact), trusted, device=map_location, what=artifact)
     elif fmt is Format.FULL:
-        module = _load_full(path, trusted, location, trust_pickle, artifact)
+        module = _load_full(path, trusted, location, trust_code, artifact)
     elif fmt is Format.TORCHSCRIPT:
         try:
             with quiet_torchscript():
@@ -160,7 +191,7 @@ def load(
 
 
 def _load_full(
-    path: Path, trusted: Sequence[str], location: Any, trust_pickle: bool, artifact: str
+    path: Path, trusted: Sequence[str], location: Any, trust_code: bool, artifact: str
 ) -> torch.nn.Module:
     import torch
 
@@ -169,17 +200,17 @@ def _load_full(
     allowed: list[Any] = []
     untrusted: list[str] = []
     for name in needed:
-        obj = _trusted_class(name, trusted)
+        obj = _trusted_global(name, trusted)
         if obj is None:
             untrusted.append(name)
         else:
             allowed.append(obj)
-    if untrusted and not trust_pickle:
+    if untrusted and not trust_code:
         raise UntrustedPickle(
             f"{artifact} is a whole-model pickle that",
             untrusted,
-            hint="add their module to REGISTRY_TRUSTED_MODULES, or pass --trust-pickle "
-            "(trust_pickle=True) only if you trust whoever pushed it",
+            hint="add their module to REGISTRY_TRUSTED_MODULES, or pass --trust-code "
+            "(trust_code=True) only if you trust whoever pushed it",
         )
     try:
         if untrusted:  # the caller said, explicitly, that this pickle may run code
@@ -194,8 +225,19 @@ def _load_full(
     return obj
 
 
-def _trusted_class(name: str, trusted: Sequence[str]) -> type | None:
-    """Resolve ``module.qualname`` to a class defined under a trusted prefix, importing only trusted modules."""
+def _trusted_global(name: str, trusted: Sequence[str]) -> Any:
+    """Resolve a pickle global to a class or function defined under a trusted prefix; None if it is not one.
+
+    Only trusted modules are imported. Besides classes, functions count (``activation=F.relu``), and the
+    pure tensor functions of :data:`pickles.TORCH_C_FUNCTIONS`, which torch defines in C.
+    """
+    if name in pickles.TORCH_C_FUNCTIONS:
+        import torch
+
+        obj: Any = torch
+        for attr in name.split(".")[1:]:
+            obj = getattr(obj, attr, None)
+        return obj if callable(obj) else None
     parts = components(name)
     if not parts or has_dunder(name) or not is_trusted(name, trusted):
         return None
@@ -204,7 +246,7 @@ def _trusted_class(name: str, trusted: Sequence[str]) -> type | None:
         if not is_trusted(module_name, trusted):
             return None
         try:
-            obj: Any = importlib.import_module(module_name)
+            obj = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
             if e.name is not None and module_name.startswith(e.name) and cut > 1:
                 continue  # maybe the name continues into the module: try a shorter prefix
@@ -217,8 +259,9 @@ def _trusted_class(name: str, trusted: Sequence[str]) -> type | None:
                 obj = getattr(obj, attr)
         except AttributeError:
             return None
-        # Only classes defined in trusted code: blocks trusted modules re-exporting e.g. os or eval.
-        if isinstance(obj, type) and is_trusted(f"{obj.__module__}.{obj.__qualname__}", trusted):
+        # Only classes and functions defined in trusted code: blocks trusted modules re-exporting e.g. os or eval.
+        if (isinstance(obj, type) or inspect.isfunction(obj)) and \
+                is_trusted(f"{obj.__module__}.{obj.__qualname__}", trusted):
             return obj
         return None
     return None

@@ -78,6 +78,8 @@ class Version(Base):
     source: Mapped[str | None] = mapped_column(String(160))
     signature: Mapped[dict[str, Any] | None]
     example_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    #: TorchScript/export only: ``{"operators": [...], "problems": [...]}`` read from the program at push.
+    program: Mapped[dict[str, Any] | None]
 
 
 class Alias(Base):

@@ -5,7 +5,10 @@ from __future__ import annotations
 import enum
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 
 class Format(enum.StrEnum):
@@ -45,6 +48,10 @@ class ModelVersion:
     signature: dict[str, Any] | None = None
     #: sha256 of the blob holding the example inputs (a torch.save-d tuple of tensors).
     example_sha256: str | None = None
+    #: Operators a TorchScript or export program calls (``aten::linear``, ...), read at push.
+    operators: tuple[str, ...] = ()
+    #: Why a program is not data-only (loading it needs ``trust_code``); empty for data-only programs.
+    code_problems: tuple[str, ...] = ()
 
     @property
     def ref(self) -> str:
@@ -56,6 +63,8 @@ class ModelVersion:
         data["format"] = self.format.value
         data["created_at"] = self.created_at.isoformat()
         data["pickle_globals"] = list(self.pickle_globals)
+        data["operators"] = list(self.operators)
+        data["code_problems"] = list(self.code_problems)
         data["aliases"] = list(self.aliases)
         data["ref"] = self.ref
         return data
@@ -125,6 +134,44 @@ class Garbage:
     key: str
     size: int
     age_seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class GcWarning:
+    """Something ``gc`` had to leave, and why: one line."""
+
+    key: str  # what it concerns: an upload (``KEY?uploadId=…``), a blob, or ``uploads`` for the listing
+    message: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "warning", "key": self.key, "message": self.message}
+
+
+class GcResult(list[Garbage]):
+    """What ``gc`` removed (or would remove), plus what it could not do.
+
+    A list of :class:`Garbage`, as gc always returned; ``warnings`` holds one line per thing gc had
+    to leave (an operation the server lacks, an upload that could not be aborted, a failed removal).
+    """
+
+    def __init__(self, removed: Iterable[Garbage] = (), warnings: Iterable[GcWarning] = ()) -> None:
+        super().__init__(removed)
+        self.warnings: list[GcWarning] = list(warnings)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        """The removed items, then ``{"kind": "warning", "key": …, "message": …}`` per warning."""
+        return [*(g.to_json() for g in self), *(w.to_json() for w in self.warnings)]
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaInfo:
+    """The metadata database's schema revision (None: an empty database) and the newest this registry knows."""
+
+    revision: str | None
+    head: str
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

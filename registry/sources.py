@@ -18,7 +18,8 @@ from registry.store import Blob, BlobStore
 if TYPE_CHECKING:
     import torch
 
-Prepared = tuple[Format, "dict[str, Any] | None", pickles.Detected]
+#: The format, the checked spec, what detection found, and for programs what they call (``program`` column).
+Prepared = tuple[Format, "dict[str, Any] | None", pickles.Detected, "dict[str, list[str]] | None"]
 
 
 class FileSource:
@@ -34,10 +35,10 @@ class FileSource:
         pass
 
     def prepare(self, declared: Format | None, spec: Mapping[str, Any] | None,
-                trusted: Sequence[str]) -> Prepared:
+                trusted: Sequence[str], *, trust_code: bool = False) -> Prepared:
         if not self.path.is_file():
             raise FormatError(f"file {str(self.path)!r} does not exist or is not a regular file")
-        return check(self.path, declared, spec, trusted, module=None)
+        return check(self.path, declared, spec, trusted, module=None, trust_code=trust_code)
 
     def store(self) -> Blob:
         return self._store.put_file(self.path)
@@ -74,10 +75,10 @@ class ModuleSource:
             shutil.rmtree(self._dir, ignore_errors=True)
 
     def prepare(self, declared: Format | None, spec: Mapping[str, Any] | None,
-                trusted: Sequence[str]) -> Prepared:
+                trusted: Sequence[str], *, trust_code: bool = False) -> Prepared:
         import torch
 
-        from registry import formats
+        from registry import fidelity, formats
         from registry import spec as spec_mod
 
         if isinstance(self.module, torch.export.ExportedProgram):
@@ -86,11 +87,16 @@ class ModuleSource:
             declared = Format.EXPORT
         if declared is None:
             declared = Format.TORCHSCRIPT if isinstance(self.module, torch.jit.ScriptModule) else Format.STATE_DICT
-        if declared in SPEC_FORMATS and spec is None:
-            spec = spec_mod.capture(self.module)
+        if declared in SPEC_FORMATS:
+            if spec is None:
+                spec = spec_mod.capture(self.module)
+            # What the weights file does not carry (ties, flags, changed buffers) goes into the spec,
+            # and the spec is checked to rebuild this very module, before anything is written.
+            spec = fidelity.seal(self.module, spec, trusted, declared)
+        fidelity.check_format(self.module, declared)
         self._format = declared
         formats.save(self.module, declared, self._staged, **self._export_args)
-        return check(self._staged, declared, spec, trusted, module=self.module)
+        return check(self._staged, declared, spec, trusted, module=self.module, trust_code=trust_code)
 
     def store(self) -> Blob:
         from registry import formats
@@ -106,9 +112,16 @@ class ModuleSource:
 
 
 def check(path: Path, declared: Format | None, spec: Mapping[str, Any] | None,
-          trusted: Sequence[str], *, module: torch.nn.Module | None) -> Prepared:
-    """Detect the format from the bytes and refuse anything the registry should not accept."""
-    detected = pickles.detect(path)
+          trusted: Sequence[str], *, module: torch.nn.Module | None, trust_code: bool = False) -> Prepared:
+    """Detect the format from the bytes and refuse anything the registry should not accept.
+
+    A whole-model pickle may reference only the allow-list of :func:`pickles.untrusted_globals` unless
+    ``trust_code``; plainly dangerous globals are refused even then. A TorchScript program is read
+    for the operators it calls and whether it is data-only (recorded; loading one that is not needs
+    ``trust_code``); a ``.pt2`` must pass :func:`registry.pt2.vet`.
+    """
+    label = path.name if module is None else "the model"
+    detected = pickles.detect(path, label=label)
     if declared is not None and declared is not detected.format:
         raise FormatError(
             f"{path.name} was declared {declared.value} but its bytes are {detected.format.value}; "
@@ -122,12 +135,28 @@ def check(path: Path, declared: Format | None, spec: Mapping[str, Any] | None,
         )
     bad = pickles.dangerous(pickles.parse_globals(detected.globals_))
     if bad:
-        raise UntrustedPickle(f"{path.name} is refused: its pickle", bad,
+        raise UntrustedPickle(f"{label} is refused: its pickle", bad,
                               hint="no model needs these; it would run code when loaded")
+    if detected.format is Format.FULL and not trust_code:
+        outside = pickles.untrusted_globals(detected.globals_, trusted)
+        if outside:
+            raise UntrustedPickle(
+                f"{label} is refused: its pickle", outside,
+                hint="a whole-model pickle may reference torch.nn and the modules in REGISTRY_TRUSTED_MODULES; "
+                "add their module there, push a state_dict with a spec, or pass --trust-code "
+                "(trust_code=True) if you trust its author",
+            )
+    program: dict[str, list[str]] | None = None
     if detected.format is Format.EXPORT:
-        from registry import pt2
+        from registry import programs, pt2
 
-        pt2.vet(path, label=path.name, detected=detected)
+        pt2.vet(path, label=label, detected=detected)
+        program = {"operators": list(programs.export_operators(path)), "problems": []}
+    elif detected.format is Format.TORCHSCRIPT:
+        from registry import programs
+
+        report = programs.vet_torchscript(path, label)
+        program = {"operators": list(report.ops), "problems": list(report.problems)}
     checked: dict[str, Any] | None = None
     if spec is not None:
         from registry import spec as spec_mod
@@ -140,7 +169,7 @@ def check(path: Path, declared: Format | None, spec: Mapping[str, Any] | None,
                 "loaded again: pass --arch SPEC.json (spec= in Python)"
             )
         _check_weights(path, detected.format, checked, trusted)
-    return detected.format, checked, detected
+    return detected.format, checked, detected, program
 
 
 def _check_weights(path: Path, fmt: Format, spec: dict[str, Any], trusted: Sequence[str]) -> None:

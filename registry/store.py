@@ -16,9 +16,10 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from registry import _testhooks, remote
+from registry import _testhooks, blobfile, remote, uploads
 from registry.config import redact
-from registry.errors import ConfigError, IntegrityError, StorageError
+from registry.errors import ConfigError, FormatError, IntegrityError, StorageError
+from registry.localwrite import local_target
 
 if TYPE_CHECKING:
     from registry.verified import VerifiedFiles
@@ -64,11 +65,16 @@ class BlobInfo:
     mtime: float  # seconds since the epoch, for gc's grace period
 
 
+def is_sha256(text: object) -> bool:
+    """Whether ``text`` is a sha256 hex digest as the registry writes them (64 lowercase hex digits)."""
+    return isinstance(text, str) and len(text) == 64 and SHA256_HEX.issuperset(text)
+
+
 class BlobStore:
     """Blobs keyed by sha256 under ``<root>/blobs/sha256/ab/abcdef…``, over any fsspec filesystem."""
 
-    def __init__(self, url: str, options: dict[str, Any] | None = None, *,
-                 progress: ProgressFactory | None = None, verified: VerifiedFiles | None = None) -> None:
+    def __init__(self, url: str, options: dict[str, Any] | None = None, *, progress: ProgressFactory | None = None,
+                 verified: VerifiedFiles | None = None, timeout: float | None = None) -> None:
         self.url = url
         self.display_url = redact(url)
         self.progress = progress
@@ -78,7 +84,8 @@ class BlobStore:
         self.part_size = remote.PART_SIZE
         self._secrets = remote.secrets(options or {})
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(url, **remote.storage_options(url, options or {}))
+            self.fs, self.root = fsspec.core.url_to_fs(
+                url, **remote.storage_options(url, options or {}, timeout=timeout))
         except (ValueError, ImportError, TypeError) as e:
             hint = "; install it with pip install 'model-registry[s3]'" if isinstance(e, ImportError) else ""
             raise ConfigError(f"cannot use storage {self.display_url!r}: "
@@ -86,12 +93,15 @@ class BlobStore:
         self.root = self.root.rstrip("/")
         self.local = isinstance(self.fs, LocalFileSystem)
         self._foreign_errors = remote.transport_errors(self.fs.protocol)
+        if remote.is_s3(self.fs.protocol):
+            self.fs.retries = remote.S3FS_RETRIES  # botocore's attempts are the whole retry budget
 
     # -- keys ---------------------------------------------------------------------------------
 
     def key(self, sha256: str) -> str:
-        if len(sha256) != 64 or not SHA256_HEX.issuperset(sha256):
-            raise ValueError(f"not a sha256 hex digest: {sha256!r}")
+        if not is_sha256(sha256):  # from a database row: the only thing between it and a path
+            raise FormatError(f"recorded sha256 {str(sha256)[:80]!r} is not 64 lowercase hex digits: "
+                              "the version's database row is damaged; delete the version or restore the database")
         return f"{self.root}/{BLOB_PREFIX}/{sha256[:2]}/{sha256}"
 
     def tmp_dir(self) -> Path:
@@ -120,6 +130,7 @@ class BlobStore:
                             self._bar(f"store {source.name}", os.fstat(src.fileno()).st_size, progress) as tick:
                         digest, size = _copy_hashing(src, _WriteBehind(dst), tick)
                         dst.flush()
+                        blobfile.make_read_only(dst.fileno())
                         os.fsync(dst.fileno())
                     return self._commit_local(tmp, digest, size)
                 finally:
@@ -135,31 +146,23 @@ class BlobStore:
         return Blob(digest, size, written=True)
 
     def _upload(self, src: IO[bytes], key: str, digest: str, size: int, progress: Progress | None) -> None:
-        """Stream ``src`` to its final key: multipart in parts of bounded size (memory stays bounded).
+        """Stream ``src`` to its final key: one PUT, or a multipart upload in parts of bounded size.
 
-        On any failure, Ctrl-C included, the multipart upload is aborted, so S3 keeps (and bills)
-        nothing; uploads a SIGKILL leaves behind are aborted by ``registry gc``.
+        On any failure, Ctrl-C and SIGTERM included, the multipart upload is aborted, so S3 keeps (and
+        bills) nothing. If the abort fails too, the error says so (parts remain), and the upload's
+        marker stays for ``registry gc``; so do the uploads a SIGKILL leaves behind.
         """
-        block = remote.part_size(size, self.part_size)
-        dst = self.fs.open(key, "wb", block_size=block)
-        sent = 0
-
-        def tick(n: int) -> None:
-            nonlocal sent
-            sent += n
-            if progress is not None:
-                progress(n)
-            if sent >= block:
-                _testhooks.pause("uploading")  # Ctrl-C/kill tests: a multipart upload is open
-
+        dst = uploads.MultipartWriter(self.fs, self.root, key, size, remote.part_size(size, self.part_size))
         try:
-            actual, _ = _copy_hashing(src, dst, tick)
+            actual, _ = _copy_hashing(src, dst, progress)
             if actual != digest:  # the file changed after it was hashed: never complete the upload
                 raise StorageError(f"the file changed while it was being uploaded to {self.display_url}; "
                                    "push it again", url=self.display_url)
             dst.close()  # sends the last part and completes the upload (or PUTs a small file): atomic
-        except BaseException:
-            remote.discard(dst)
+        except BaseException as e:
+            failure = dst.abort()
+            if failure is not None:
+                e.add_note(remote.scrub(failure, self._secrets))
             raise
 
     def adopt(self, staged: Path, *, progress: Progress | None = None) -> Blob:
@@ -172,6 +175,7 @@ class BlobStore:
         with self._errors("write"):
             with open(staged, "rb+") as f:
                 digest, size = _copy_hashing(f, None, progress)
+                blobfile.make_read_only(f.fileno())
                 os.fsync(f.fileno())
             return self._commit_local(staged, digest, size)
 
@@ -187,20 +191,39 @@ class BlobStore:
 
     # -- reading ------------------------------------------------------------------------------
 
-    def local_path(self, sha256: str, size: int, *, artifact: str, name: str | None = None) -> Path:
-        """A local path holding the verified bytes of ``sha256``, ready to deserialise."""
+    @contextmanager
+    def open_verified(self, sha256: str, size: int, *, artifact: str, name: str | None = None) -> Iterator[Path]:
+        """The verified bytes of ``sha256``, as a path bound to one open descriptor (local storage only).
+
+        The blob is opened once (a regular file, never through a final symlink, never blocking on a
+        FIFO), its size and sha256 are checked through that descriptor, and the path yielded
+        (``/proc/self/fd/N``) opens that same file: replacing the blob's path afterwards changes
+        nothing that is read. The descriptor is closed when the block ends.
+
+        Raises:
+            IntegrityError: the bytes are not the recorded ones (or not a regular file of that size).
+            StorageError: the blob is missing or unreadable.
+        """
         if not self.local:
             raise NotImplementedError("remote storage needs the cache")  # pragma: no cover
         path = Path(self.key(sha256))
         with self._errors("read", missing=artifact):
-            if self.verified is not None:  # skips the hash only for bytes provably unchanged since hashed here
-                actual = self.verified.sha256(path)
-            else:
-                with open(path, "rb") as f:
-                    actual, _ = _copy_hashing(f, None, None)
-        if actual != sha256:
-            raise IntegrityError(artifact, sha256, actual, name=name)
-        return path
+            try:
+                fd = blobfile.open_regular(path)
+            except blobfile.NotRegular as e:
+                raise IntegrityError(artifact, sha256, f"{e.strerror} at {path}", name=name) from e
+        try:
+            with self._errors("read", missing=artifact):
+                actual_size = os.fstat(fd).st_size
+                if actual_size != size:
+                    raise IntegrityError(artifact, sha256, f"a file of {actual_size} bytes, not {size}", name=name)
+                actual = blobfile.sha256_of(fd, path, self.verified)
+            if actual != sha256:
+                raise IntegrityError(artifact, sha256, actual, name=name)
+            _testhooks.pause("verified")  # tests swap the blob's path here: what is read must not change
+            yield blobfile.fd_path(fd)
+        finally:
+            os.close(fd)
 
     def copy_to(
         self,
@@ -216,10 +239,11 @@ class BlobStore:
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
         try:
             if self.local:
-                with self._errors("read", missing=artifact):
+                with self._errors("read", missing=artifact), local_target(dest):
                     actual = self._copy_local(Path(self.key(sha256)), tmp, sha256, progress)
             else:
-                with self._errors("read", missing=artifact), self.fs.open(self.key(sha256), "rb") as src:
+                with self._errors("read", missing=artifact), local_target(dest), \
+                        self.fs.open(self.key(sha256), "rb") as src:
                     with open(tmp, "wb") as dst:
                         actual, _ = _copy_hashing(src, dst, progress)
                         dst.flush()
@@ -242,9 +266,11 @@ class BlobStore:
         (``copy_file_range``: no pass through Python, a reflink where the filesystem can); any other is
         hashed on the way, which also records it as verified.
         """
-        with open(blob, "rb") as src, open(tmp, "wb") as dst:
+        with open(blobfile.open_regular(blob), "rb") as src, open(tmp, "wb") as dst:
             before = os.fstat(src.fileno())
-            known = self.verified.lookup(blob, before) if self.verified is not None else None
+            known = None
+            if self.verified is not None and blobfile.trusted_for_record(before):
+                known = self.verified.lookup(blob, before)
             if known == sha256 and _kernel_copy(src, dst, before.st_size, progress) \
                     and os.fstat(src.fileno()).st_ctime_ns == before.st_ctime_ns:
                 actual = sha256
@@ -253,7 +279,7 @@ class BlobStore:
                 dst.seek(0)
                 dst.truncate()
                 actual, _ = _copy_hashing(src, _WriteBehind(dst), progress)
-                if self.verified is not None:
+                if self.verified is not None and blobfile.trusted_for_record(before):
                     self.verified.remember(blob, actual, before)
             dst.flush()
             os.fsync(dst.fileno())
@@ -264,7 +290,7 @@ class BlobStore:
 
         The caller compares it and renames ``dest`` into place (or removes it): see :mod:`registry.cache`.
         """
-        with self._errors("read", missing=artifact), \
+        with self._errors("read", missing=artifact), local_target(dest), \
                 self.fs.open(self.key(sha256), "rb", block_size=self.part_size) as src, \
                 open(dest, "xb") as dst, self._bar(f"download {artifact}", size) as tick:
             actual, _ = _copy_hashing(src, dst, tick)
@@ -274,6 +300,8 @@ class BlobStore:
 
     def check(self, sha256: str, size: int) -> tuple[str, str] | None:
         """Re-hash one blob: None if intact, else ``(kind, detail)`` with kind missing/size/corrupt."""
+        if not is_sha256(sha256):
+            return "corrupt", f"recorded sha256 {str(sha256)[:80]!r} is not 64 lowercase hex digits"
         key = self.key(sha256)
         with self._errors("read"):
             actual_size = self._size(key)
@@ -281,8 +309,18 @@ class BlobStore:
                 return "missing", f"blob {sha256} is missing from {self.display_url}"
             if actual_size != size:
                 return "size", f"blob {sha256} has {actual_size} bytes, expected {size}"
-            with self.fs.open(key, "rb") as f:
-                actual, _ = _copy_hashing(f, None, None)
+            if self.local:
+                try:
+                    fd = blobfile.open_regular(key)
+                except blobfile.NotRegular as e:
+                    return "corrupt", f"{key} is {e.strerror}"
+                try:
+                    actual = blobfile.hash_fd(fd)
+                finally:
+                    os.close(fd)
+            else:
+                with self.fs.open(key, "rb") as f:
+                    actual, _ = _copy_hashing(f, None, None)
         if actual != sha256:
             return "corrupt", f"blob has sha256 {actual}, expected {sha256}"
         return None
@@ -291,7 +329,35 @@ class BlobStore:
         with self._errors("read"):
             return self._size(self.key(sha256)) is not None
 
+    def stat(self, sha256: str) -> BlobInfo | None:
+        """One blob's size and mtime as storage reports them now (None if missing): gc's re-check."""
+        key = self.key(sha256)
+        with self._errors("read"):
+            if not self.local:
+                self.fs.invalidate_cache(key)
+            try:
+                info = self.fs.info(key)
+            except FileNotFoundError:
+                return None
+        return BlobInfo(sha256, int(info["size"]), _mtime(info))
+
+    def touch(self, sha256: str) -> bool:
+        """Set a local blob's mtime to now, so gc's grace period counts from this use; False if missing.
+
+        Remote storage has no cheap touch (S3 would copy the object onto itself): returns False there.
+        """
+        if not self.local:
+            return False
+        with self._errors("write"):
+            try:
+                os.utime(self.key(sha256))
+            except FileNotFoundError:
+                return False
+        return True
+
     def delete(self, sha256: str) -> None:
+        if not is_sha256(sha256):
+            return  # a damaged database row names no blob
         with self._errors("delete"):
             if self.local and self.verified is not None:
                 self.verified.forget(self.key(sha256))
@@ -325,23 +391,45 @@ class BlobStore:
             for entry in os.scandir(tmp):
                 # Only our own staging names: never a file someone else put there.
                 if STAGING_RE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
-                    st = entry.stat(follow_symlinks=False)
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # renamed into place by its push since the directory was read
                     yield BlobInfo(entry.name, st.st_size, st.st_mtime)
 
     def delete_partial(self, name: str) -> None:
         with self._errors("delete"):
             (Path(self.root) / TMP_PREFIX / Path(name).name).unlink(missing_ok=True)
 
-    def iter_uploads(self) -> Iterator[remote.Upload]:
-        """Incomplete multipart uploads under this store's blob prefix (S3 only; none elsewhere)."""
+    def scan_uploads(self, cutoff: float) -> uploads.Scan:
+        """Incomplete multipart uploads under this store started at or before ``cutoff`` (S3 only)."""
         if not remote.is_s3(self.fs.protocol):
-            return
+            return uploads.Scan()
         with self._errors("list uploads in"):
-            yield from remote.list_uploads(self.fs, f"{self.root}/{BLOB_PREFIX}/")
+            return uploads.scan(self.fs, self.root, f"{self.root}/{BLOB_PREFIX}/", cutoff)
 
-    def abort_upload(self, upload: remote.Upload) -> None:
+    def can_abort_uploads(self) -> str | None:
+        """None if the server aborts multipart uploads, else why not (``gc --dry-run`` asks)."""
         with self._errors("abort an upload in"):
-            remote.abort_upload(self.fs, upload)
+            return uploads.can_abort(self.fs, self.root)
+
+    def abort_upload(self, upload: uploads.Upload) -> str | None:
+        """Abort one upload and forget its marker; None when done, else why it could not be aborted."""
+        try:
+            with self._errors("abort an upload in"):
+                uploads.abort(self.fs, upload.key, upload.upload_id)
+        except StorageError as e:
+            return self._reason(e.__cause__ if e.__cause__ is not None and remote.unsupported(e.__cause__) else e)
+        if upload.marker is not None:
+            self.forget_marker(upload.marker)
+        return None
+
+    def forget_marker(self, marker: str) -> None:
+        with self._errors("delete"):
+            try:
+                uploads.forget(self.fs, marker)
+            except FileNotFoundError:
+                pass
 
     def relative(self, key: str) -> str:
         """``key`` relative to the store's root, for messages."""
@@ -376,7 +464,9 @@ class BlobStore:
         """Translate storage failures (s3fs already maps boto errors to builtins) once, here."""
         try:
             yield
-        except StorageError:
+        except StorageError as e:
+            if getattr(e, "__notes__", None):  # this store's own error, plus what its upload left behind
+                raise StorageError(self._reason(e), url=self.display_url) from e
             raise
         except FileNotFoundError as e:
             if missing is not None:
@@ -406,8 +496,15 @@ class BlobStore:
                                "REGISTRY_STORAGE_OPTIONS and the AWS_* variables", url=self.display_url) from e
 
     def _reason(self, e: BaseException) -> str:
-        """One line, credentials scrubbed: server messages may echo what they were sent."""
-        text = (e.strerror if isinstance(e, OSError) else None) or str(e) or type(e).__name__
+        """One line, credentials scrubbed: server messages may echo what they were sent.
+
+        Notes added on the way out (an upload that could not be aborted) end the line.
+        """
+        if remote.unsupported(e):
+            text = uploads.why(e)
+        else:
+            text = (e.strerror if isinstance(e, OSError) else None) or str(e) or type(e).__name__
+        text = "; ".join([text, *getattr(e, "__notes__", ())])
         return remote.scrub(text, self._secrets)
 
 

@@ -81,8 +81,13 @@ class VerifiedFiles:
         where = os.path.abspath(path)
         try:
             key = FileKey.of(st if st is not None else os.stat(where))
-            data = json.loads(self._record(where).read_bytes())
-        except (OSError, ValueError):
+            if not _private(os.stat(self.directory)):
+                return None  # a record someone else could have written vouches for nothing
+            with open(self._record(where), "rb") as f:
+                if not _private(os.fstat(f.fileno())):
+                    return None
+                data = json.loads(f.read())
+        except (OSError, ValueError, RecursionError):
             return None
         if (
             not isinstance(data, dict)
@@ -130,7 +135,8 @@ class VerifiedFiles:
         final = self._record(where)
         tmp = final.with_name(f".{final.stem}.{uuid.uuid4().hex[:12]}.tmp")
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            final.parent.mkdir(exist_ok=True, mode=0o700)
             tmp.write_text(json.dumps(record, sort_keys=True), encoding="utf-8")
             os.replace(tmp, final)  # readers see the old record or the new one, never half of one
         except OSError:
@@ -148,6 +154,11 @@ class VerifiedFiles:
     def _record(self, where: str) -> Path:
         name = hashlib.sha256(where.encode("utf-8", "surrogateescape")).hexdigest()[:40]
         return self.directory / name[:2] / f"{name}.json"
+
+
+def _private(st: os.stat_result) -> bool:
+    """Owned by this user and writable by nobody else."""
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
 @functools.cache

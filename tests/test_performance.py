@@ -33,14 +33,21 @@ def settled(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The files the verification record hashes (rather than answering from a record)."""
+    from registry import blobfile
+
     seen: list[str] = []
-    real = verified_mod.hash_stream
+    real, real_fd = verified_mod.hash_stream, blobfile.hash_fd
 
     def counting(f: Any, progress: Any = None) -> str:
         seen.append(f.name)
         return real(f, progress)
 
+    def counting_fd(fd: int) -> str:  # how a blob is hashed: through the descriptor that is then read
+        seen.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fd(fd)
+
     monkeypatch.setattr(verified_mod, "hash_stream", counting)
+    monkeypatch.setattr(blobfile, "hash_fd", counting_fd)
     return seen
 
 
@@ -465,6 +472,7 @@ def test_the_cache_of_remote_blobs_uses_the_record_too(tmp_path: Path, settled: 
     source.write_bytes(os.urandom(100_000))
     blob = remote.put_file(source)
     cache = BlobCache(tmp_path / "cache", verified=VerifiedFiles(tmp_path / "records"))
-    paths = [cache.path(remote, blob.sha256, blob.size, artifact="m:1") for _ in range(3)]
-    assert len(set(paths)) == 1 and paths[0].read_bytes() == source.read_bytes()
+    for _ in range(3):
+        with cache.open_verified(remote, blob.sha256, blob.size, artifact="m:1") as path:
+            assert path.read_bytes() == source.read_bytes()
     assert len(hashes) == 1  # downloaded (hashed while streaming), hashed once from disk, then recorded

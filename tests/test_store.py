@@ -48,17 +48,23 @@ def test_put_reads_the_source_once(store: BlobStore, tmp_path: Path, monkeypatch
     assert opened == ["rb"]
 
 
-def test_local_path_verifies(store: BlobStore, tmp_path: Path) -> None:
+def test_open_verified_verifies(store: BlobStore, tmp_path: Path) -> None:
     blob = store.put_file(_file(tmp_path, b"abc"))
-    assert store.local_path(blob.sha256, blob.size, artifact="m:1").read_bytes() == b"abc"
-    Path(store.key(blob.sha256)).write_bytes(b"abd")
+    with store.open_verified(blob.sha256, blob.size, artifact="m:1") as path:
+        assert path.read_bytes() == b"abc"
+    key = Path(store.key(blob.sha256))
+    assert key.stat().st_mode & 0o777 == 0o444  # blobs are stored read-only
+    key.chmod(0o644)
+    key.write_bytes(b"abd")
     with pytest.raises(IntegrityError, match=f"artifact m:1 is corrupt: expected sha256 {blob.sha256}, got "):
-        store.local_path(blob.sha256, blob.size, artifact="m:1")
+        with store.open_verified(blob.sha256, blob.size, artifact="m:1"):
+            pass
 
 
 def test_missing_blob_is_a_storage_error(store: BlobStore) -> None:
     with pytest.raises(StorageError, match="artifact m:1 is missing from storage"):
-        store.local_path("0" * 64, 1, artifact="m:1")
+        with store.open_verified("0" * 64, 1, artifact="m:1"):
+            pass
 
 
 def test_copy_to_is_atomic_and_verified(store: BlobStore, tmp_path: Path) -> None:
