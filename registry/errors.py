@@ -26,7 +26,8 @@ Each error is one line naming what was wrong and what to do; the CLI prints it a
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 #: What never reaches a terminal raw: C0 and C1 controls and DEL (escape sequences, OSC 52 clipboard
 #: writes), every other ``str.splitlines()`` separator (U+2028, U+2029), bidi overrides and isolates
@@ -51,6 +52,27 @@ def one_line(e: BaseException, limit: int = 500) -> str:
     """The first line of a foreign exception's message, whitespace folded, for an ``error:`` line."""
     text = str(e).strip() or type(e).__name__
     return printable(" ".join(text.splitlines()[0].split())[:limit])
+
+
+@contextmanager
+def translated(error: Callable[[str], RegistryError], context: str, *,
+               passthrough: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Turn a foreign exception raised in the block into ``error(f"{context}: {one_line(e)}") from e``.
+
+    For calls into torch, safetensors or a model's own code, which raise many kinds of exception: the
+    user needs their reason on one line, not a traceback. ``passthrough`` types (a registry error
+    raised inside, or one the caller handles itself) are re-raised unchanged.
+
+    Example:
+        >>> with translated(FormatError, f"cannot load {artifact}"):
+        ...     module = torch.jit.load(path)
+    """
+    try:
+        yield
+    except passthrough:
+        raise
+    except Exception as e:
+        raise error(f"{context}: {one_line(e)}") from e
 
 
 class RegistryError(Exception):

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from registry.errors import FormatError, one_line
+from registry.errors import FormatError, translated
 
 if TYPE_CHECKING:
     import torch
@@ -86,7 +86,7 @@ def load(path: Path, *, map_location: str | torch.device | None, artifact: str) 
     """
     import torch
 
-    try:
+    with translated(FormatError, f"cannot load {artifact}"):
         with open(path, "rb") as f:  # a file object: blobs have no .pt2 suffix for torch to expect
             program = torch.export.load(f)
         if map_location is not None:
@@ -94,6 +94,4 @@ def load(path: Path, *, map_location: str | torch.device | None, artifact: str) 
 
             program = move_to_device_pass(program, map_location)
         module: torch.nn.Module = program.module()
-    except Exception as e:
-        raise FormatError(f"cannot load {artifact}: {one_line(e)}") from e
     return module

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from registry import pickles
-from registry.errors import FormatError, UntrustedCode, UntrustedPickle, one_line
+from registry.errors import FormatError, UntrustedCode, UntrustedPickle, one_line, translated
 from registry.records import Format
 from registry.trust import components, has_dunder, is_trusted
 
@@ -58,7 +58,8 @@ def save(
     """
     import torch
 
-    try:
+    # torch raises many kinds here; the user needs its reason, not a trace
+    with translated(FormatError, f"cannot save the model as {fmt.value}", passthrough=(FormatError,)):
         if fmt is Format.STATE_DICT:
             torch.save(model.state_dict(), path)
         elif fmt is Format.FULL:
@@ -77,20 +78,14 @@ def save(
             weights.save(model, path)
         else:
             raise FormatError(f"pushing a live model as {fmt.value!r} is not supported")
-    except FormatError:
-        raise
-    except Exception as e:  # torch raises many kinds here; the user needs its reason, not a trace
-        raise FormatError(f"cannot save the model as {fmt.value}: {one_line(e)}") from e
 
 
 def meta_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a state_dict file as meta tensors: names, shapes and dtypes, no data read."""
     import torch
 
-    try:
+    with translated(FormatError, f"{path.name} is not a loadable state_dict"):
         obj = torch.load(path, map_location="meta", weights_only=True, mmap=True)
-    except Exception as e:
-        raise FormatError(f"{path.name} is not a loadable state_dict: {one_line(e)}") from e
     return _as_state_dict(obj, path.name)
 
 
@@ -168,23 +163,20 @@ def load(
         if spec is None:
             raise FormatError(f"{artifact} is a state_dict without an architecture spec")
         try:
-            obj = torch.load(path, map_location=location, weights_only=True, mmap=True)
+            with translated(FormatError, f"cannot load {artifact}", passthrough=(pickle.UnpicklingError,)):
+                obj = torch.load(path, map_location=location, weights_only=True, mmap=True)
         except pickle.UnpicklingError as e:  # weights_only refused a global: name it, never retry unsafely
             raise UntrustedPickle(f"{artifact} is a state_dict whose pickle", _unsafe_globals(path),
                                   hint="a state_dict holds only tensors; push it again from a trusted copy") from e
-        except Exception as e:
-            raise FormatError(f"cannot load {artifact}: {one_line(e)}") from e
         from registry import weights
 
         module = weights.rebuild(spec, _as_state_dict(obj, artifact), trusted, device=map_location, what=artifact)
     elif fmt is Format.FULL:
         module = _load_full(path, trusted, location, trust_code, artifact)
     elif fmt is Format.TORCHSCRIPT:
-        try:
-            with quiet_torchscript():
-                module = torch.jit.load(str(path), map_location=location)  # type: ignore[no-untyped-call]
-        except Exception as e:  # a bad device or damaged code: torch's reason, in one line
-            raise FormatError(f"cannot load {artifact}: {one_line(e)}") from e
+        # a bad device or damaged code: torch's reason, in one line
+        with translated(FormatError, f"cannot load {artifact}"), quiet_torchscript():
+            module = torch.jit.load(str(path), map_location=location)  # type: ignore[no-untyped-call]
     else:
         raise FormatError(f"{artifact} has format {fmt.value!r}, which this version cannot load")
     return module.eval()
@@ -212,14 +204,12 @@ def _load_full(
             hint="add their module to REGISTRY_TRUSTED_MODULES, or pass --trust-code "
             "(trust_code=True) only if you trust whoever pushed it",
         )
-    try:
+    with translated(FormatError, f"cannot load {artifact}"):
         if untrusted:  # the caller said, explicitly, that this pickle may run code
             obj = torch.load(path, map_location=location, weights_only=False)
         else:
             with torch.serialization.safe_globals(allowed):
                 obj = torch.load(path, map_location=location, weights_only=True, mmap=True)
-    except Exception as e:
-        raise FormatError(f"cannot load {artifact}: {one_line(e)}") from e
     if not isinstance(obj, torch.nn.Module):
         raise FormatError(f"{artifact} holds a {type(obj).__name__}, not an nn.Module")
     return obj

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from registry.errors import FormatError, one_line
+from registry.errors import FormatError, one_line, translated
 
 if TYPE_CHECKING:
     import torch
@@ -171,10 +171,8 @@ def load_example(data: bytes, *, what: str) -> Inputs:
     """Example inputs back from their blob's bytes (weights_only)."""
     import torch
 
-    try:
+    with translated(FormatError, f"the example inputs of {what} cannot be loaded"):
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise FormatError(f"the example inputs of {what} cannot be loaded: {one_line(e)}") from e
     return as_inputs(obj, what=f"the example inputs of {what}")
 
 
@@ -186,11 +184,10 @@ def run(module: Any, inputs: Inputs, *, what: str) -> Any:
     """
     import torch
 
-    try:
-        with torch.no_grad():
-            return module(*inputs)
-    except Exception as e:  # the model's own code: any exception is possible
-        raise FormatError(f"{what} fails on its example inputs: {one_line(e)}") from e
+    # the model's own code: any exception is possible
+    with translated(FormatError, f"{what} fails on its example inputs"), torch.no_grad():
+        outputs = module(*inputs)
+    return outputs
 
 
 def run_live(model: Any, inputs: Inputs, *, what: str) -> Any:

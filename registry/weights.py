@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from registry.errors import FormatError, SpecError, one_line
+from registry.errors import FormatError, SpecError, translated
 
 if TYPE_CHECKING:
     import torch
@@ -109,15 +109,12 @@ def meta_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     out: dict[str, torch.Tensor] = {}
-    try:
+    # safetensors raises its own SafetensorError for a bad header
+    with translated(FormatError, f"{path.name} is not a loadable safetensors file", passthrough=(FormatError,)):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 view = f.get_slice(name)
                 out[name] = torch.empty(view.get_shape(), dtype=_dtype(view.get_dtype(), name), device="meta")
-    except FormatError:
-        raise
-    except Exception as e:  # safetensors raises its own SafetensorError for a bad header
-        raise FormatError(f"{path.name} is not a loadable safetensors file: {one_line(e)}") from e
     return out
 
 
@@ -207,10 +204,8 @@ def load(
     """
     from safetensors.torch import load_file
 
-    try:
+    with translated(FormatError, f"cannot load {artifact}"):
         tensors = load_file(str(path), device=str(device) if device is not None else "cpu")
-    except Exception as e:
-        raise FormatError(f"cannot load {artifact}: {one_line(e)}") from e
     return rebuild(spec, tensors, trusted, device=device, what=artifact)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 BARRIER = """
 import sys, time
 from pathlib import Path
-import cli, registry.api, registry.sources, registry.pickles, sqlalchemy.dialects.postgresql, psycopg
+import cli, registry.api, registry.intake, registry.pickles, sqlalchemy.dialects.postgresql, psycopg
 start, ready = Path(sys.argv[1]), Path(sys.argv[2])
 ready.touch()
 while not start.exists():

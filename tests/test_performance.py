@@ -177,17 +177,17 @@ def test_push_reads_the_source_once(registry: Registry, tmp_path: Path, fmt: str
 
 def test_push_of_a_live_module_hashes_its_staged_file_once(registry: Registry, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from registry import store
+    from registry import localstore
 
     passes: list[int] = []
-    real = store._copy_hashing
+    real = localstore.copy_hashing
 
     def counting(src: Any, dst: Any, progress: Any) -> tuple[str, int]:
         digest, size = real(src, dst, progress)
         passes.append(size)
         return digest, size
 
-    monkeypatch.setattr(store, "_copy_hashing", counting)
+    monkeypatch.setattr(localstore, "copy_hashing", counting)
     registry.push("m", tutorial_model())
     assert len(passes) == 1
 
@@ -411,16 +411,16 @@ def test_a_file_changed_while_it_is_hashed_is_not_recorded(tmp_path: Path, settl
 
 def test_pull_of_a_verified_blob_is_a_byte_exact_kernel_copy(registry: Registry, settled: None, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from registry import store
+    from registry import localstore
 
     copies: list[bool] = []
-    real = store._kernel_copy
+    real = localstore._kernel_copy
 
     def spying(*args: Any) -> bool:
         copies.append(real(*args))
         return copies[-1]
 
-    monkeypatch.setattr(store, "_kernel_copy", spying)
+    monkeypatch.setattr(localstore, "_kernel_copy", spying)
     source = _scripted(tmp_path / "m.pt", 512, 4)
     registry.push("m", source)
     first = registry.pull("m", dest=tmp_path / "first.pt")  # hashed on the way, which records the blob
@@ -465,14 +465,15 @@ def test_the_console_script_exits_fast_with_its_output_and_status_intact(home: P
 
 def test_the_cache_of_remote_blobs_uses_the_record_too(tmp_path: Path, settled: None, hashes: list[str]) -> None:
     from registry.cache import BlobCache
-    from registry.store import BlobStore
+    from registry.localstore import LocalStore
+    from registry.objectstore import ObjectStore
 
-    remote = BlobStore(str(tmp_path / "remote"))  # any fsspec store; the cache only reads it
     source = tmp_path / "f.bin"
     source.write_bytes(os.urandom(100_000))
-    blob = remote.put_file(source)
+    blob = LocalStore(str(tmp_path / "remote")).put_file(source)
     cache = BlobCache(tmp_path / "cache", verified=VerifiedFiles(tmp_path / "records"))
+    remote = ObjectStore(str(tmp_path / "remote"), cache=cache)  # any fsspec store; the cache only reads it
     for _ in range(3):
-        with cache.open_verified(remote, blob.sha256, blob.size, artifact="m:1") as path:
+        with remote.open_verified(blob.sha256, blob.size, artifact="m:1") as path:
             assert path.read_bytes() == source.read_bytes()
     assert len(hashes) == 1  # downloaded (hashed while streaming), hashed once from disk, then recorded

@@ -6,12 +6,13 @@ from pathlib import Path
 import pytest
 
 from registry.errors import AlreadyExists, IntegrityError, StorageError
+from registry.localstore import LocalStore
 from registry.store import BlobStore
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> BlobStore:
-    return BlobStore(str(tmp_path / "artifacts"))
+def store(tmp_path: Path) -> LocalStore:
+    return LocalStore(str(tmp_path / "artifacts"))
 
 
 def _file(tmp_path: Path, data: bytes, name: str = "src.bin") -> Path:
@@ -71,12 +72,12 @@ def test_copy_to_is_atomic_and_verified(store: BlobStore, tmp_path: Path) -> Non
     blob = store.put_file(_file(tmp_path, b"payload"))
     dest = tmp_path / "out" / "m.pt"
     dest.parent.mkdir()
-    assert store.copy_to(blob.sha256, dest, artifact="m:1").read_bytes() == b"payload"
+    assert store.copy_to(blob.sha256, blob.size, dest, artifact="m:1").read_bytes() == b"payload"
     with pytest.raises(AlreadyExists):
-        store.copy_to(blob.sha256, dest, artifact="m:1")
+        store.copy_to(blob.sha256, blob.size, dest, artifact="m:1")
     Path(store.key(blob.sha256)).write_bytes(b"tampered")
     with pytest.raises(IntegrityError):
-        store.copy_to(blob.sha256, tmp_path / "out" / "n.pt", artifact="m:1")
+        store.copy_to(blob.sha256, blob.size, tmp_path / "out" / "n.pt", artifact="m:1")
     assert sorted(p.name for p in dest.parent.iterdir()) == ["m.pt"]  # no partial file
 
 
@@ -106,7 +107,7 @@ def test_pushing_good_bytes_again_repairs_a_corrupt_local_blob(store: BlobStore,
     assert store.check(blob.sha256, blob.size) is None  # but the file is the good copy again
 
 
-def test_gc_listing_ignores_files_that_are_not_staging_files(store: BlobStore, tmp_path: Path) -> None:
+def test_gc_listing_ignores_files_that_are_not_staging_files(store: LocalStore, tmp_path: Path) -> None:
     tmp = store.tmp_dir()
     (tmp / "notes.txt").write_text("not ours")
     (tmp / ("ab" * 16 + ".part")).write_bytes(b"half")
@@ -117,8 +118,8 @@ def test_cache_clear_removes_only_what_the_cache_wrote(tmp_path: Path) -> None:
     from registry.cache import BlobCache
 
     cache = BlobCache(tmp_path / "cache")
-    blob = cache.local.put_file(_file(tmp_path, b"cached"))
-    mine = Path(cache.local.key(blob.sha256))
+    blob = cache.blobs.put_file(_file(tmp_path, b"cached"))
+    mine = Path(cache.blobs.key(blob.sha256))
     foreign = [tmp_path / "cache" / "blobs" / "README", tmp_path / "cache" / "tmp" / "keep.txt",
                tmp_path / "cache" / "notes.txt"]
     for path in foreign:

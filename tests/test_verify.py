@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event, insert, select
 
-from registry import Registry, api
+from registry import Registry, maintenance
+from registry.localstore import LocalStore
 from registry.models import Model, Version
-from registry.store import BlobStore
 from tests.conftest import Cli
 from tests.processes import model_files, sha256
 
@@ -25,13 +25,13 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def counted_checks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The sha256 of every blob verify hashes."""
     seen: list[str] = []
-    original = BlobStore.check
+    original = LocalStore.check
 
-    def check(self: BlobStore, sha256: str, size: int) -> tuple[str, str] | None:
+    def check(self: LocalStore, sha256: str, size: int) -> tuple[str, str] | None:
         seen.append(sha256)
         return original(self, sha256, size)
 
-    monkeypatch.setattr(BlobStore, "check", check)
+    monkeypatch.setattr(LocalStore, "check", check)
     return seen
 
 
@@ -58,7 +58,7 @@ def test_verify_reports_every_problem(
     gone.unlink()
     grown.write_bytes(grown.read_bytes() + b"!")
 
-    monkeypatch.setattr(api, "VERIFY_PAGE", 2)  # several pages even for four versions
+    monkeypatch.setattr(maintenance, "VERIFY_PAGE", 2)  # several pages even for four versions
     counted_checks.clear()
     result = cli.run(*base, "verify")
     assert result.exit_code == 1
@@ -98,7 +98,7 @@ def test_verify_streams_many_versions_in_pages(
                 for n in range(3, count + 1)
             ])
 
-        monkeypatch.setattr(api, "VERIFY_PAGE", 100)
+        monkeypatch.setattr(maintenance, "VERIFY_PAGE", 100)
         queries: list[str] = []
         event.listen(reg._engine, "before_cursor_execute", lambda *a: queries.append(a[2]))
         counted_checks.clear()
