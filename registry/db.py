@@ -5,9 +5,12 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import random
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -25,8 +28,17 @@ if TYPE_CHECKING:
 
 #: The newest migration in ``migrations/versions``; a test checks it against Alembic's head.
 SCHEMA_HEAD = "0003"
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_DIR = next(p / "migrations" for p in Path(__file__).resolve().parents[:2] if (p / "migrations").is_dir())
+#: SQLite's busy timeout for readers (and the rest of a write transaction once it holds the lock).
 SQLITE_BUSY_TIMEOUT_MS = 60_000
+#: Seconds a writer keeps retrying ``BEGIN IMMEDIATE`` before "database is locked" (the total budget).
+SQLITE_WRITE_BUDGET = 60.0
+#: SQLite's busy handler gets this long per attempt; then the writer sleeps a jittered backoff.
+SQLITE_LOCK_ATTEMPT_MS = 5
+#: Backoff before attempt n: uniform in [0, min(CAP, BASE * 2**n)] seconds (full jitter). The cap is
+#: a few write-lock hold times (a push holds it ~20-30 ms), so a waiter's polling rate stays high.
+SQLITE_LOCK_BACKOFF_BASE = 0.001
+SQLITE_LOCK_BACKOFF_CAP = 0.05
 #: Seconds PostgreSQL may take to accept a connection (libpq's connect_timeout) unless the URL sets
 #: one; without it a server that never answers holds a command for minutes (TCP's own timeouts).
 CONNECT_TIMEOUT = 10
@@ -34,6 +46,9 @@ CONNECT_TIMEOUT = 10
 
 def make_engine(url: str, *, timeout: float | None = None) -> Engine:
     """An engine for ``url``; SQLite gets WAL, a busy timeout, foreign keys and explicit BEGINs.
+
+    On SQLite a :func:`writer` transaction retries ``BEGIN IMMEDIATE`` with jittered backoff for
+    up to :data:`SQLITE_WRITE_BUDGET` seconds (see :func:`_begin_immediate`).
 
     ``timeout`` (``REGISTRY_TIMEOUT``) replaces the default PostgreSQL connect timeout of
     :data:`CONNECT_TIMEOUT` seconds; a ``connect_timeout`` in the URL wins over both. A SQLite file
@@ -59,7 +74,7 @@ def make_engine(url: str, *, timeout: float | None = None) -> Engine:
         return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
     except (sa_exc.ArgumentError, ImportError) as e:
         raise ConfigError(f"cannot use database URL {redact(url)!r}: {e}; "
-                          "for PostgreSQL install the extra: pip install 'model-registry[postgres]'") from e
+                          "for PostgreSQL install the extra: pip install 'torch-model-registry[postgres]'") from e
 
 
 def _sqlite_engine(url: Any) -> Engine:
@@ -77,6 +92,9 @@ def _sqlite_engine(url: Any) -> Engine:
                 raise DatabaseError(f"database {shown} failed: cannot create the folder {path.parent}: "
                                     f"{e.strerror or e}", url=shown) from e
     engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **extra)
+    if url.database and "creator" not in extra and url.database != ":memory:" and not url.database.startswith("file:"):
+        _read_on_full_disk(engine, Path(url.database).expanduser(),
+                           redact(url.render_as_string(hide_password=True)))
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -95,12 +113,148 @@ def _sqlite_engine(url: Any) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        # Writers take the write lock up front (BEGIN IMMEDIATE), so two pushes queue on the busy
-        # timeout instead of failing when a read lock cannot be upgraded.
-        mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
-        conn.exec_driver_sql(f"BEGIN {mode}")
+        # Writers take the write lock up front (BEGIN IMMEDIATE), so two pushes queue for it instead
+        # of failing when a read lock cannot be upgraded.
+        if conn.get_execution_options().get("sqlite_begin") == "IMMEDIATE":
+            _begin_immediate(conn)
+        else:
+            conn.exec_driver_sql("BEGIN DEFERRED")
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        # The pool takes the connection back after COMMIT or ROLLBACK: the write lock is released.
+        acquired = record.info.pop(_LOCK_INFO, None)
+        if acquired is not None and _watchers:
+            timing = LockTiming(waited=acquired[1], held=time.monotonic() - acquired[0], attempts=acquired[2])
+            for watcher in _watchers:
+                watcher.append(timing)
 
     return engine
+
+
+def _begin_immediate(conn: Connection) -> None:
+    """``BEGIN IMMEDIATE``, retried with jittered exponential backoff for :data:`SQLITE_WRITE_BUDGET` s.
+
+    SQLite's own busy handler is unfair: a writer that has waited long polls every 100 ms, while a
+    newcomer polls after 1, 2 and 5 ms and usually wins, so under sustained load a few pushes were
+    starved past the 60 s timeout while the lock was held for milliseconds at a time. Each attempt
+    here gives SQLite's handler only :data:`SQLITE_LOCK_ATTEMPT_MS`, then sleeps a random time up
+    to a cap of :data:`SQLITE_LOCK_BACKOFF_CAP` s: every waiter polls at the same rate whatever its
+    age, so each release goes to a waiter picked about at random, and none waits for ever.
+    """
+    dbapi = conn.connection.dbapi_connection
+    assert dbapi is not None  # a connection inside its begin event is checked out
+    started = time.monotonic()
+    deadline = started + SQLITE_WRITE_BUDGET
+    attempts = 0
+    dbapi.execute(f"PRAGMA busy_timeout={SQLITE_LOCK_ATTEMPT_MS}")
+    try:
+        while True:
+            attempts += 1
+            try:
+                dbapi.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as e:
+                busy = (getattr(e, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_BUSY
+                now = time.monotonic()
+                if not busy or now >= deadline:
+                    orig = e if not busy else sqlite3.OperationalError(
+                        f"database is locked: no write lock after {attempts} attempts in {now - started:.0f} s")
+                    raise sa_exc.OperationalError("BEGIN IMMEDIATE", None, orig) from e
+                cap = min(SQLITE_LOCK_BACKOFF_CAP, SQLITE_LOCK_BACKOFF_BASE * 2 ** min(attempts, 16))
+                time.sleep(min(random.uniform(0, cap), max(0.0, deadline - now)))
+    finally:
+        # Readers sharing this pooled connection keep the full timeout (WAL checkpoints, recovery).
+        dbapi.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    acquired = time.monotonic()
+    conn.info[_LOCK_INFO] = (acquired, acquired - started, attempts)
+
+
+@dataclass(frozen=True, slots=True)
+class LockTiming:
+    """One SQLite write transaction: seconds waited for the write lock, seconds held, BEGIN attempts."""
+
+    waited: float
+    held: float
+    attempts: int
+
+
+_LOCK_INFO = "registry_write_lock"
+_watchers: list[list[LockTiming]] = []
+
+
+@contextmanager
+def watch_write_lock() -> Iterator[list[LockTiming]]:
+    """Collect a :class:`LockTiming` for every SQLite write transaction this process ends in the block.
+
+    ``held`` runs from the moment ``BEGIN IMMEDIATE`` succeeds to the moment the pool takes the
+    connection back after COMMIT (or ROLLBACK), so it includes the commit's fsync. Used by
+    ``bench/soak.py`` and the tests; costs nothing outside the block.
+    """
+    timings: list[LockTiming] = []
+    _watchers.append(timings)
+    try:
+        yield timings
+    finally:
+        _watchers.remove(timings)
+
+
+#: Free bytes below which a failing open is blamed on the disk: WAL's index (-shm) grows by 32 KiB.
+_SHM_ROOM = 64 * 1024
+_NO_SPACE = "registry_no_space"
+
+
+def _read_on_full_disk(engine: Engine, path: Path, shown: str) -> None:
+    """On a full filesystem, open ``path`` immutable (reads work) or fail with "no space left on DIR".
+
+    Reading a WAL database needs its ``-shm`` index to grow, so with no free space even ``list``
+    failed with "disk I/O error". When the WAL is empty (every commit is in the main file, as after
+    the last connection closed) an immutable open reads the same data without ``-shm``. Such a
+    connection is used for one checkout only, then replaced, so it never serves stale reads for long;
+    a write on it fails with the same "no space left" error.
+    """
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
+        conn = dialect.loaded_dbapi.connect(*cargs, **cparams)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchall()
+            return conn
+        except sqlite3.OperationalError as e:
+            conn.close()
+            if (getattr(e, "sqlite_errorcode", 0) & 0xFF) != sqlite3.SQLITE_IOERR or not _disk_full(path.parent):
+                raise
+            wal = path.with_name(path.name + "-wal")
+            if wal.exists() and wal.stat().st_size > 0:  # commits not yet in the main file: no safe read
+                raise _no_space(shown, path) from e
+        record.info[_NO_SPACE] = 0
+        uri = f"file:{quote(path.absolute().as_posix())}?mode=ro&immutable=1"
+        return sqlite3.connect(uri, uri=True, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if _NO_SPACE in record.info:
+            record.info[_NO_SPACE] += 1
+            if record.info[_NO_SPACE] > 1:  # the pool reconnects: space may be back, others may have written
+                raise sa_exc.DisconnectionError("immutable fallback connection used once")
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        if _NO_SPACE in conn.info and conn.get_execution_options().get("sqlite_begin") == "IMMEDIATE":
+            raise _no_space(shown, path)
+
+
+def _disk_full(folder: Path) -> bool:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < _SHM_ROOM
+
+
+def _no_space(shown: str, path: Path) -> DatabaseError:
+    return DatabaseError(f"database {shown} failed: no space left on {path.parent} (SQLite needs room for its "
+                         "WAL files there); free space there", url=shown)
 
 
 def _read_only(path: Path) -> sqlite3.Connection:
@@ -244,4 +398,7 @@ def database_error(engine: Engine, e: sa_exc.DBAPIError) -> DatabaseError:
     if "disk is full" in reason or "No space left" in reason:
         return DatabaseError(f"database {url} failed: no space left on the device holding it ({reason}); "
                              "free space there", url=url)
+    if "database is locked" in reason:
+        return DatabaseError(f"database {url} failed: {reason}; other processes kept its write lock busy: "
+                             "push again, and for many concurrent writers use PostgreSQL", url=url)
     return DatabaseError(f"database {url} failed: {reason}", url=url)

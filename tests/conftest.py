@@ -27,6 +27,9 @@ def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[No
             monkeypatch.delenv(var)
     monkeypatch.setenv("REGISTRY_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("REGISTRY_USER", "tester")
+    # Child interpreters import this checkout as pytest does, from any directory: `import cli` there is the
+    # root shim for registry.cli, which is not installed (tests/test_packaging.py builds a wheel without it).
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     yield
 
 
@@ -46,7 +49,7 @@ class Cli:
     """Runs the click command in-process and asserts the exit status and the stdout/stderr split."""
 
     def __init__(self) -> None:
-        from cli import cli
+        from registry.cli import cli
 
         self.cli = cli
         self.runner = CliRunner()

@@ -64,6 +64,7 @@ def test_push_human_output(cli: Cli, files: dict[str, Path]) -> None:
     assert out.startswith("tut:3  state_dict (detected)") and out.rstrip().endswith("aliases: staging")
 
 
+@pytest.mark.fast  # in-process CLI: part of `python -m pytest -m fast`
 def test_push_json(cli: Cli, files: dict[str, Path]) -> None:
     data = _json(cli.ok("--json", "push", "tut", str(files["state"]), "--arch", str(files["spec"]),
                         "--description", "the tutorial MLP", "--tag", "lr=0.1", "--tag", "data=x=y",
@@ -138,6 +139,7 @@ def test_list(cli: Cli, populated: Registry, registry: Registry) -> None:
     assert [d["version"] for d in _json(cli.ok("--json", "list", "m", "--before", "2"))] == [1]
 
 
+@pytest.mark.fast  # in-process CLI: part of `python -m pytest -m fast`
 def test_list_of_an_empty_registry(cli: Cli) -> None:
     assert cli.ok("list").stdout.split() == ["MODEL", "LATEST", "VERSIONS", "ALIASES"]
     assert _json(cli.ok("--json", "list")) == []
@@ -172,6 +174,7 @@ def test_show_full_lists_the_pickle_globals(cli: Cli, files: dict[str, Path]) ->
 # --- promote, demote, history ----------------------------------------------------------------
 
 
+@pytest.mark.fast  # in-process CLI: part of `python -m pytest -m fast`
 def test_promote_demote_history(cli: Cli, populated: Registry) -> None:
     assert cli.ok("promote", "m", "--version", "2", "--reason", "better").stdout.strip() == \
         "m@production -> m:2 (was 1)"
@@ -240,6 +243,8 @@ def test_gc(cli: Cli, populated: Registry, home: Path, tmp_path: Path) -> None:
     orphan.write_bytes(b"nobody uses me")
     sha = populated.store.put_file(orphan).sha256
     assert cli.ok("gc", "--grace", "1h").stdout.strip() == "nothing to remove (grace 1h)"
+    assert cli.ok("gc", "--grace", "90m").stdout.strip() == "nothing to remove (grace 90m)"
+    assert cli.ok("gc").stdout.strip() == "nothing to remove (grace 1h)"
     out = cli.ok("gc", "--dry-run", "--grace", "0").stdout
     assert f"would remove blob {sha}" in out and blob_path(home, sha).exists()
     data = _json(cli.ok("--json", "gc", "--grace", "0"))
@@ -248,6 +253,7 @@ def test_gc(cli: Cli, populated: Registry, home: Path, tmp_path: Path) -> None:
     assert cli.ok("verify").stdout.strip() == "all artifacts verified"
 
 
+@pytest.mark.fast  # in-process CLI: part of `python -m pytest -m fast`
 def test_db_commands(cli: Cli, home: Path) -> None:
     assert cli.ok("db", "current").stdout.strip() == f"none (head is {HEAD})"
     assert cli.ok("db", "upgrade").stdout.strip() == f"schema at {HEAD}"
@@ -335,9 +341,11 @@ USAGE_ERRORS: list[tuple[str, ...]] = [
     ("promote", "m"),
     ("promote", "m", "--version", "0"),
     ("promote", "m", "--version", "2", "--expect", "two"),
+    ("promote", "m", "--version", "2", "--expect", "0"),
     ("list", "m", "--limit", "0"),
     ("pull", "m", "--version", "x"),
     ("gc", "--grace", "soon"),
+    ("gc", "--grace", "-1h"),
     ("frobnicate",),
 ]
 
@@ -366,6 +374,7 @@ def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[tu
     return found
 
 
+@pytest.mark.fast  # in-process CLI: part of `python -m pytest -m fast`
 def test_commands_help(cli: Cli, home: Path) -> None:
     commands = _commands(cli.cli)
     assert {"push", "pull", "list", "show", "promote", "demote", "history", "delete", "verify", "gc",
@@ -380,6 +389,7 @@ def test_commands_help(cli: Cli, home: Path) -> None:
     assert not home.exists()
 
 
+@pytest.mark.fast  # in-process CLI: part of `python -m pytest -m fast`
 @pytest.mark.parametrize("args", [("--help",), ("push", "--help"), ("--version",), ("push",), ("nope",),
                                   ("list", "--limit", "-1"), ("db",), ()])
 def test_help_and_usage_errors_do_not_create_the_database(cli: Cli, home: Path, args: tuple[str, ...]) -> None:
@@ -388,6 +398,7 @@ def test_help_and_usage_errors_do_not_create_the_database(cli: Cli, home: Path, 
     assert not home.exists() or list(home.iterdir()) == []
 
 
+@pytest.mark.fast  # in-process CLI: part of `python -m pytest -m fast`
 @pytest.mark.parametrize("value", ["nan", "-1", "inf", "x"])
 def test_tolerances_must_be_finite_and_not_negative(cli: Cli, value: str) -> None:
     result = cli.run("check", "m", "--rtol", value)

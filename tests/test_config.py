@@ -7,6 +7,8 @@ import pytest
 from registry.config import Settings, redact
 from registry.errors import ConfigError
 
+pytestmark = pytest.mark.fast  # in-process: part of `python -m pytest -m fast`
+
 
 def test_defaults_live_under_registry_home(tmp_path: Path) -> None:
     s = Settings.resolve(environ={"REGISTRY_HOME": str(tmp_path), "USER": "ann"})

@@ -119,7 +119,7 @@ def test_grace_applies_to_gc_and_to_dry_run(db_url: str, tmp_path: Path, files: 
 def test_gc_lists_everything_before_it_removes_anything(db_url: str, tmp_path: Path, files: list[Path], cli: Cli,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     from registry.errors import StorageError
-    from registry.store import BlobStore
+    from registry.localstore import LocalStore
 
     storage = tmp_path / "artifacts"
     orphans = [blob(storage, sha256(f)) for f in files[:2]]
@@ -128,24 +128,24 @@ def test_gc_lists_everything_before_it_removes_anything(db_url: str, tmp_path: P
         path.write_bytes(source.read_bytes())
         age(path, 2 * HOUR)
 
-    def unlistable(self: BlobStore) -> Any:
+    def unlistable(self: LocalStore) -> Any:
         raise StorageError(f"cannot list storage {self.display_url}: injected", url=self.display_url)
 
     # A listing that fails is an error, and nothing has been removed yet.
     with monkeypatch.context() as patch:
-        patch.setattr(BlobStore, "iter_partials", unlistable)
+        patch.setattr(LocalStore, "iter_partials", unlistable)
         cli.fails("--db", db_url, "--storage", str(storage), "gc", match="injected")
     assert all(p.exists() for p in orphans)
 
     # Once removing has begun, a removal that fails is a warning: the rest goes on, and gc exits 0.
-    real_delete = BlobStore.delete
+    real_delete = LocalStore.delete
 
-    def delete(self: BlobStore, sha: str) -> None:
+    def delete(self: LocalStore, sha: str) -> None:
         if sha == sha256(files[0]):
             raise StorageError(f"cannot delete storage {self.display_url}: injected", url=self.display_url)
         real_delete(self, sha)
 
-    monkeypatch.setattr(BlobStore, "delete", delete)
+    monkeypatch.setattr(LocalStore, "delete", delete)
     result = cli.ok("--db", db_url, "--storage", str(storage), "--json", "gc")
     data = json.loads(result.stdout)
     assert [(d["kind"], d["key"]) for d in data] == [("blob", sha256(files[1])), ("warning", sha256(files[0]))]

@@ -18,6 +18,8 @@ from registry import db as database
 from registry.errors import DatabaseError
 from registry.models import Base
 
+pytestmark = pytest.mark.fast  # in-process: part of `python -m pytest -m fast`
+
 T0 = datetime(2025, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
 SPEC = {"target": "torch.nn.Sequential", "args": [{"target": "torch.nn.Linear",
                                                     "kwargs": {"in_features": 4, "out_features": 2, "bias": True}}]}

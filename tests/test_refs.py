@@ -5,6 +5,8 @@ import pytest
 from registry.errors import InvalidName, InvalidReference
 from registry.refs import Ref, parse_ref, validate_name
 
+pytestmark = pytest.mark.fast  # in-process: part of `python -m pytest -m fast`
+
 
 @pytest.mark.parametrize("name", ["mlp", "a", "A.b_c-9", "9lives", "x" * 128])
 def test_valid_names(name: str) -> None:

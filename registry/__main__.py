@@ -1,0 +1,5 @@
+"""``python -m registry``: the ``registry`` command."""
+
+from registry.cli import main
+
+main()
