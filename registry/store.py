@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, ClassVar, Protocol
 
-from registry import _testhooks, remote, uploads
+from registry import _testhooks, blobfile, remote, uploads
 from registry.config import redact
 from registry.errors import ConfigError, FormatError, StorageError
 
@@ -169,9 +169,28 @@ class BlobStore(ABC):
                 overwrite: bool = False) -> Path:
         """Write the verified blob to ``dest`` through a temporary file, then rename it into place."""
 
-    @abstractmethod
     def check(self, sha256: str, size: int) -> tuple[str, str] | None:
         """Re-hash one blob: None if intact, else ``(kind, detail)`` with kind missing/size/corrupt."""
+        if not is_sha256(sha256):
+            return "corrupt", f"recorded sha256 {str(sha256)[:80]!r} is not 64 lowercase hex digits"
+        key = self.key(sha256)
+        with self._errors("read"):
+            actual_size = self._size(key)
+            if actual_size is None:
+                return "missing", f"blob {sha256} is missing from {self.display_url}"
+            if actual_size != size:
+                return "size", f"blob {sha256} has {actual_size} bytes, expected {size}"
+            try:
+                actual = self._rehash(key)
+            except blobfile.NotRegular as e:
+                return "corrupt", f"{key} is {e.strerror}"
+        if actual != sha256:
+            return "corrupt", f"blob has sha256 {actual}, expected {sha256}"
+        return None
+
+    @abstractmethod
+    def _rehash(self, key: str) -> str:
+        """The sha256 of the bytes stored under ``key``, read now (never from a record)."""
 
     @abstractmethod
     def touch(self, sha256: str) -> bool:
