@@ -112,3 +112,38 @@ def flip_byte(path: Path, offset: int | None = None) -> None:
     i = len(data) // 2 if offset is None else offset
     data[i] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+#: A scripted module whose ``__setstate__`` maps ``marker`` and fills it: ``torch.jit.load`` itself writes the file.
+_SETSTATE_BUILDER = """
+import warnings, torch
+from typing import Tuple
+warnings.simplefilter("ignore")
+class SetState(torch.nn.Module):
+    def __init__(self, path: str):
+        super().__init__()
+        self.path, self.buf = path, torch.zeros(2, dtype=torch.uint8)
+    def forward(self, x):
+        return x
+    @torch.jit.export
+    def __getstate__(self) -> Tuple[str, bool]:
+        return (self.path, self.training)
+    @torch.jit.export
+    def __setstate__(self, state: Tuple[str, bool]) -> None:
+        self.path, self.training = state[0], state[1]
+        self.buf = torch.from_file(self.path, shared=True, size=2, dtype=torch.uint8)
+        self.buf.fill_(66)
+torch.jit.script(SetState({marker!r})).save({path!r})
+"""
+
+
+def setstate_archive(directory: Path) -> tuple[Path, Path]:
+    """A TorchScript archive whose loading writes ``b"BB"`` to a marker file; returns (archive, marker).
+
+    Built by a script run as ``__main__`` (``torch.jit.script`` reads the class's source from a file).
+    """
+    marker, path, builder = directory / "MARKER", directory / "setstate.pt", directory / "build_setstate.py"
+    builder.write_text(_SETSTATE_BUILDER.format(marker=str(marker), path=str(path)))
+    subprocess.run([sys.executable, str(builder)], check=True, timeout=120)
+    assert path.exists() and not marker.exists()
+    return path, marker

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import re
-import subprocess
-import sys
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -17,7 +15,7 @@ from torch import nn
 
 from registry import operators, programs, pt2
 from registry.errors import FormatError
-from tests.helpers import fresh_python, tutorial_model
+from tests.helpers import fresh_python, setstate_archive, tutorial_model
 
 
 def _script(module: nn.Module, path: Path) -> Path:
@@ -219,32 +217,7 @@ def test_save_edited_into_the_code_is_flagged(plain: Path, tmp_path: Path) -> No
 
 @pytest.mark.slow
 def test_setstate_is_flagged_and_really_runs_at_load(tmp_path: Path) -> None:
-    marker = tmp_path / "marker"
-    path = tmp_path / "setstate.pt"
-    builder = tmp_path / "build.py"  # a file: torch.jit.script reads the class's source
-    # A module whose __setstate__ maps the marker file and fills it; load must create it.
-    builder.write_text(f"""
-import warnings, torch
-from typing import Tuple
-warnings.simplefilter("ignore")
-class SetState(torch.nn.Module):
-    def __init__(self, path: str):
-        super().__init__()
-        self.path, self.buf = path, torch.zeros(2, dtype=torch.uint8)
-    def forward(self, x):
-        return x
-    @torch.jit.export
-    def __getstate__(self) -> Tuple[str, bool]:
-        return (self.path, self.training)
-    @torch.jit.export
-    def __setstate__(self, state: Tuple[str, bool]) -> None:
-        self.path, self.training = state[0], state[1]
-        self.buf = torch.from_file(self.path, shared=True, size=2, dtype=torch.uint8)
-        self.buf.fill_(66)
-torch.jit.script(SetState({str(marker)!r})).save({str(path)!r})
-""")
-    subprocess.run([sys.executable, str(builder)], check=True, timeout=120)  # as __main__: __torch__.SetState
-    assert not marker.exists()
+    path, marker = setstate_archive(tmp_path)
     problems = _problems(path)
     assert "class SetState defines __setstate__ (torch.jit.load runs it while reading the archive)" in problems
     assert "calls aten::from_file" in problems

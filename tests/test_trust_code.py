@@ -9,8 +9,6 @@ data-only, shown as such, and refused by ``load``, ``check``, ``diff`` and ``pus
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,47 +16,20 @@ import pytest
 import torch
 
 from registry import Registry, UntrustedCode
-from tests.helpers import run_registry, tutorial_model
+from tests.helpers import run_registry, setstate_archive, tutorial_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-SETSTATE = """
-import warnings, torch
-from typing import Tuple
-warnings.simplefilter("ignore")
-class SetState(torch.nn.Module):
-    def __init__(self, path: str):
-        super().__init__()
-        self.path, self.buf = path, torch.zeros(2, dtype=torch.uint8)
-    def forward(self, x):
-        return x
-    @torch.jit.export
-    def __getstate__(self) -> Tuple[str, bool]:
-        return (self.path, self.training)
-    @torch.jit.export
-    def __setstate__(self, state: Tuple[str, bool]) -> None:
-        self.path, self.training = state[0], state[1]
-        self.buf = torch.from_file(self.path, shared=True, size=2, dtype=torch.uint8)
-        self.buf.fill_(66)
-torch.jit.script(SetState({marker!r})).save({path!r})
-"""
-
-
 @pytest.fixture
-def setstate_archive(tmp_path: Path) -> tuple[Path, Path]:
-    """A TorchScript archive whose loading writes ``marker`` (built in a script: TorchScript reads its source)."""
-    marker, path = tmp_path / "MARKER", tmp_path / "setstate.pt"
-    builder = tmp_path / "build.py"
-    builder.write_text(SETSTATE.format(marker=str(marker), path=str(path)))
-    subprocess.run([sys.executable, str(builder)], check=True, timeout=120)
-    assert path.exists() and not marker.exists()
-    return path, marker
+def setstate(tmp_path: Path) -> tuple[Path, Path]:
+    """A TorchScript archive whose loading writes its marker file (see tests.helpers.setstate_archive)."""
+    return setstate_archive(tmp_path)
 
 
 def test_a_program_with_setstate_loads_only_with_trust_code(
-    setstate_archive: tuple[Path, Path], tmp_path: Path
+    setstate: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    path, marker = setstate_archive
+    path, marker = setstate
     example = tmp_path / "x.pt"
     torch.save(torch.zeros(1), example)
     refused = run_registry("push", "evil", str(path), "--example", str(example))
@@ -99,10 +70,10 @@ def test_an_ordinary_scripted_model_is_data_only_and_loads_without_a_flag(regist
 
 
 def test_a_planted_program_is_vetted_again_at_load(
-    registry: Registry, setstate_archive: tuple[Path, Path]
+    registry: Registry, setstate: tuple[Path, Path]
 ) -> None:
     """A row written without push's checks (an older writer, a compromised database) gains nothing."""
-    path, marker = setstate_archive
+    path, marker = setstate
     blob = registry.store.put_file(path)
     with registry._session(write=True) as s:
         from registry import queries
